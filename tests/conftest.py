@@ -1,0 +1,46 @@
+"""Shared fixtures: composed configs, a scratch cache, tiny models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qwha  # noqa: F401  (environment hygiene: TRITON_INTERPRET, HF_HOME, WANDB_MODE, ...)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+
+def compose(*overrides: str):
+    """The config `python -m qwha <overrides>` would run with (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import qwha.config  # noqa: F401  (registers the lr_for resolver)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run `python -m qwha ...` in a subprocess from the repository root."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "qwha", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cache_root(tmp_path: Path) -> Path:
+    root = tmp_path / "cache"
+    root.mkdir()
+    return root
