@@ -72,6 +72,16 @@ def base_model_ref(artifact_path: Path) -> str:
     return info["id"] if info["source"] == "hub" else str(Path(artifact_path) / info["id"])
 
 
+def local_model_dir(ref: str) -> Path:
+    """A local folder with the model's files: ``ref`` itself, or the hub snapshot of the id."""
+    if Path(ref).is_dir():
+        return Path(ref)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    return Path(snapshot_download(ref, allow_patterns=patterns))
+
+
 def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 

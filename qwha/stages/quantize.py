@@ -1,16 +1,26 @@
-"""Stage `quantize`: not implemented yet (issue #4). It refuses to run instead of writing a fake artifact."""
+"""Stage `quantize`: MagR + GPTQ (GPTQModel), GPTQ, RTN or none; METHOD §3.
+
+Writes the quantized model in GPTQModel's format to ``model/`` (with the tokenizer), and reports per-layer
+``‖ΔW_Q‖_F`` and ``‖ΔW_Q X‖_F`` on the calibration sample, held-out perplexity, wall time and peak memory.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from qwha.stages import StageNotReady
+from qwha.artifacts import MODEL_DIR, QUANT_INFO, load_calibration
+from qwha.stages.common import device, heldout_perplexity
+
+log = logging.getLogger("qwha.stages.quantize")
 
 
 def upstream(cfg: DictConfig) -> list[str]:
-    return ["base", "calib"] if cfg.quant.method in ("gptq", "magr_gptq") else ["base"]
+    # RTN needs no calibration; the sample is still read to report ||dW_Q X|| like the others.
+    return ["base"] if cfg.quant.method == "none" else ["base", "calib"]
 
 
 def key_config(cfg: DictConfig) -> dict:
@@ -18,4 +28,34 @@ def key_config(cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
-    raise StageNotReady("stage 'quantize' is not implemented yet (issue #4); no artifact was written")
+    from qwha.models import base_model_ref, load_tokenizer, local_model_dir, torch_dtype
+    from qwha.quant import load_quantized, quantize_model
+
+    q = cfg.quant
+    dev = device(cfg)
+    src = local_model_dir(base_model_ref(inputs["base"].path))
+    calib = load_calibration(inputs["calib"].path) if "calib" in inputs else None
+    log.info("quantize: %s, %d-bit, group %d on %s", q.method, q.bits, q.group_size, dev)
+    metrics = quantize_model(
+        src,
+        out / MODEL_DIR,
+        calib,
+        method=str(q.method),
+        bits=int(q.bits),
+        group_size=int(q.group_size),
+        damp=float(q.damp),
+        magr_alpha=float(q.magr_alpha),
+        magr_iters=int(q.magr_iters),
+        device=str(dev),
+        dtype=torch_dtype(str(cfg.model.dtype), dev),
+    )
+    tok = load_tokenizer(str(src))
+    if q.method != "none":
+        tok.save_pretrained(out / MODEL_DIR)
+    (out / QUANT_INFO).write_text(json.dumps({"method": q.method, "bits": q.bits, "group_size": q.group_size}))
+    model = load_quantized(out / MODEL_DIR, device=str(dev), dtype=torch_dtype(str(cfg.model.dtype), dev))
+    ppl = heldout_perplexity(model, tok, cfg)
+    metrics["heldout_ppl"] = ppl["ppl"]
+    metrics["heldout_tokens"] = ppl["tokens"]
+    metrics.setdefault("summary", {})["heldout_ppl"] = ppl["ppl"]
+    return metrics
