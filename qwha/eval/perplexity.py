@@ -94,7 +94,9 @@ def perplexity(
     try:
         for batch in tqdm(batches, desc="perplexity", unit="batch"):
             x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # [B, L]
-            logits = model(input_ids=x).logits[:, :-1].float()  # [B, L-1, V], predicts x[:, 1:]
+            logits = model(input_ids=x).logits[:, :-1]  # [B, L-1, V], predicts x[:, 1:]
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
             nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # [B, L-1]
             length = x.shape[1]
             n_new = torch.tensor([n for _, _, n in batch], device=device)  # [B]
