@@ -1,0 +1,111 @@
+"""Sliding-window perplexity of a causal LM on held-out text (Hugging Face's strided method).
+
+The text is tokenized once (with the tokenizer's usual special tokens) into ``N`` ids. Windows of at
+most ``window`` tokens start every ``stride`` tokens: window ``k`` covers ``[k·stride, min(k·stride +
+window, N))`` and scores only the tokens that no earlier window scored, i.e. the first window scores
+tokens ``1 … window-1`` and each later one the ``stride`` tokens after the previous window's end, with
+up to ``window - stride`` tokens of context. With ``stride < window`` every token except the first is
+scored exactly once, so ``tokens = N - 1`` and ``ppl = exp(Σ NLL / tokens)`` (natural log, accumulated
+in float64). ``stride == window`` gives non-overlapping chunks (the GPTQ papers' protocol), where each
+chunk's first token has no context and is not scored.
+
+Held-out text: ``qwha.data.text.joined_text("packaged" | "wikitext2", "test")``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def strided_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, n_scored)`` per window: ids ``[begin, end)``, the last ``n_scored`` of them scored."""
+    if window < 2:
+        raise ValueError(f"eval.perplexity.window={window}: must be >= 2")
+    if not 1 <= stride <= window:
+        raise ValueError(f"eval.perplexity.stride={stride}: must be in [1, window={window}]")
+    out: list[tuple[int, int, int]] = []
+    prev_end = 1  # token 0 has no context and is never scored
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        if end > prev_end:
+            # begin < prev_end when stride < window; with stride == window the window's own first
+            # token has no context and is skipped.
+            out.append((begin, end, min(end - prev_end, end - begin - 1)))
+            prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@torch.no_grad()
+def perplexity(
+    model: Any,
+    tokenizer: Any,
+    text: str,
+    *,
+    window: int = 2048,
+    stride: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+) -> dict[str, float | int]:
+    """Strided perplexity of ``model`` on ``text``.
+
+    Args:
+        model: causal LM returning ``.logits`` [batch, seq, vocab] from ``model(input_ids=...)``.
+        tokenizer: its tokenizer.
+        text: the held-out text (one string).
+        window: tokens per forward pass (the model's context used for evaluation).
+        stride: new tokens scored per window after the first; context is ``window - stride``.
+        max_tokens: keep only the first ``max_tokens`` ids of the tokenized text (quick runs).
+        batch_size: windows of equal length run together in one forward pass.
+
+    Returns:
+        ``{"ppl": exp(mean NLL), "nll": mean NLL in nats, "tokens": number of scored tokens}``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"eval.perplexity.batch_size={batch_size}: must be >= 1")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise ValueError(f"eval.perplexity.max_tokens={max_tokens}: must be >= 2 or null")
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise ValueError("perplexity needs a text of at least 2 tokens")
+    windows = strided_windows(ids.numel(), window, stride)
+    device = getattr(model, "device", None) or torch.device("cpu")
+
+    # Group consecutive windows of equal length into batches (only the last window can be shorter).
+    batches: list[list[tuple[int, int, int]]] = []
+    for w in windows:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0][1] - batches[-1][0][0] == w[1] - w[0]:
+            batches[-1].append(w)
+        else:
+            batches.append([w])
+
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for batch in tqdm(batches, desc="perplexity", unit="batch"):
+            x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # [B, L]
+            logits = model(input_ids=x).logits[:, :-1]  # [B, L-1, V], predicts x[:, 1:]
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # [B, L-1]
+            length = x.shape[1]
+            n_new = torch.tensor([n for _, _, n in batch], device=device)  # [B]
+            pos = torch.arange(1, length, device=device)  # target positions
+            scored = pos[None, :] >= (length - n_new)[:, None]  # [B, L-1]
+            total_nll += nll.double()[scored].sum().item()
+            total_tokens += int(scored.sum().item())
+    finally:
+        if was_training:
+            model.train()
+    mean = total_nll / total_tokens
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
