@@ -44,3 +44,23 @@ def heldout_perplexity(model, tokenizer, cfg: DictConfig) -> dict:
         )
     log.info("held-out perplexity %.3f over %d tokens", res["ppl"], res["tokens"])
     return res
+
+
+def load_model_for(cfg: DictConfig, inputs: dict, upto: str):
+    """(model, tokenizer) of the pipeline at stage ``upto``: the quantized model, plus the adapter of the
+    ``init`` or ``finetune`` artifact when ``upto`` is one of those. Float32 on CPU."""
+    from qwha.artifacts import ADAPTER_DIR, MODEL_DIR
+    from qwha.models import base_model_ref, load_tokenizer, torch_dtype
+    from qwha.quant import load_quantized
+
+    dev = device(cfg)
+    tok = load_tokenizer(base_model_ref(inputs["base"].path))
+    model = load_quantized(
+        inputs["quantize"].path / MODEL_DIR, device=str(dev), dtype=torch_dtype(str(cfg.model.dtype), dev)
+    )
+    if upto in ("init", "finetune"):
+        from qwha.adapters import load_adapter
+
+        model = load_adapter(model, inputs[upto].path / ADAPTER_DIR)
+    model.eval()
+    return model, tok

@@ -1,12 +1,23 @@
-"""Stage `eval`: not implemented yet (issue #7). It refuses to run instead of writing a fake artifact."""
+"""Stage `eval`: CSQA (lm-eval, 0-shot), GSM8K zero-shot CoT and held-out perplexity; METHOD §5.
+
+Evaluates the artifact named by ``eval.target`` (quantized model, initialized or fine-tuned adapter) in
+memory, adapter unmerged. Which suites run follows the fine-tuning data as in the paper (Alpaca ->
+CSQA, GSM8K -> GSM8K) unless ``eval.csqa.enabled`` / ``eval.gsm8k.enabled`` say otherwise. Writes
+``results.json`` (metrics, per-task numbers, model, method, bits, seed, upstream keys).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from qwha.stages import StageNotReady
+from qwha.artifacts import RESULTS
+from qwha.stages.common import data_source, heldout_perplexity, load_model_for
+
+log = logging.getLogger("qwha.stages.eval")
 
 
 def upstream(cfg: DictConfig) -> list[str]:
@@ -15,9 +26,70 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 
 def key_config(cfg: DictConfig) -> dict:
-    # `auto` switches resolve against the fine-tuning data format, so they are part of the key.
-    return {"eval": cfg.eval, "data_format": cfg.data.format, "data_source": cfg.data.source}
+    # `auto` switches resolve against the fine-tuning data format and the offline flag, so they are keyed.
+    return {"eval": cfg.eval, "data_format": cfg.data.format, "offline": cfg.offline}
+
+
+def _enabled(value, fmt: str, wanted: str) -> bool:
+    return fmt == wanted if value == "auto" else bool(value)
 
 
 def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
-    raise StageNotReady("stage 'eval' is not implemented yet (issue #7); no artifact was written")
+    e = cfg.eval
+    model, tok = load_model_for(cfg, inputs, str(e.target))
+    source = data_source(str(e.source), cfg)
+    results: dict = {
+        "model": cfg.model.name,
+        "target": e.target,
+        "quant": cfg.quant.method,
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "adapter": cfg.adapter.method if e.target != "quantize" else None,
+        "transform": OmegaConf.select(cfg, "adapter.transform") if e.target != "quantize" else None,
+        "init": cfg.init.method if e.target != "quantize" else None,
+        "rank": cfg.rank,
+        "seed": cfg.seed,
+        "upstream": {name: art.key for name, art in inputs.items()},
+    }
+    summary: dict = {}
+    if e.perplexity.enabled:
+        ppl = heldout_perplexity(model, tok, cfg)
+        results["perplexity"] = ppl
+        summary["ppl"] = ppl["ppl"]
+    if _enabled(e.csqa.enabled, cfg.data.format, "alpaca"):
+        from qwha.eval.csqa import run_csqa
+
+        res = run_csqa(
+            model,
+            tok,
+            tasks=list(e.csqa.tasks),
+            source=source,
+            limit=e.csqa.limit,
+            batch_size=int(e.csqa.batch_size),
+        )
+        results["csqa"] = res
+        summary["csqa_avg"] = res["average"]
+    if _enabled(e.gsm8k.enabled, cfg.data.format, "gsm8k"):
+        from qwha.eval.gsm8k import GSM_SYMBOLIC_TEST_IDS, run_gsm8k
+
+        # Models tuned on the packaged gsm_symbolic data have seen templates of 100 test questions.
+        trained_on_templates = e.target == "finetune" and data_source(str(cfg.data.source), cfg) == "packaged"
+        res = run_gsm8k(
+            model,
+            tok,
+            source=source,
+            limit=e.gsm8k.limit,
+            batch_size=int(e.gsm8k.batch_size),
+            decoding=str(e.gsm8k.decoding),
+            max_new_tokens=int(e.gsm8k.max_new_tokens),
+            seed=int(e.gsm8k.seed),
+            exclude_ids=GSM_SYMBOLIC_TEST_IDS if trained_on_templates else (),
+        )
+        res["excluded_gsm_symbolic_templates"] = trained_on_templates
+        results["gsm8k"] = res
+        summary["gsm8k_em"] = res["exact_match"]
+        summary["gsm8k_unparsable"] = res["unparsable"]
+    results["summary"] = summary
+    (out / RESULTS).write_text(json.dumps(results, indent=2, default=str))
+    log.info("eval summary: %s", summary)
+    return {"summary": summary}

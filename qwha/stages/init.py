@@ -1,12 +1,32 @@
-"""Stage `init`: not implemented yet (issue #5). It refuses to run instead of writing a fake artifact."""
+"""Stage `init`: quantization-aware adapter initialization (METHOD §2) and its layer-error report.
+
+1. Calibration Grams ``XXᵀ`` of every adapted linear from the FULL-PRECISION model over the shared
+   calibration sample (float64 accumulation, shared inputs computed once, in passes bounded by
+   ``init.gram_budget_gb``).
+2. The quantized model gets the configured adapter; for each adapted layer ``ΔW_Q = W − W_Q`` is
+   initialized by ``init.method`` (AdaAlloc + selection + refinement for QWHA, or an ablation / low-rank
+   baseline).
+3. Report per projection and averaged: output error ``‖ΔW_Q X − ΔW X‖`` (absolute and relative to
+   ``‖ΔW_Q X‖``), normalized rank of the update, outlier coverage; plus held-out perplexity of the
+   initialized model. Saved as ``report.json`` beside the adapter (PEFT format, ``adapter/``).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from collections import defaultdict
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
-from qwha.stages import StageNotReady
+from qwha.artifacts import ADAPTER_DIR, INIT_REPORT, MODEL_DIR, load_calibration
+from qwha.stages.common import device, heldout_perplexity
+
+log = logging.getLogger("qwha.stages.init")
 
 
 def upstream(cfg: DictConfig) -> list[str]:
@@ -17,5 +37,162 @@ def key_config(cfg: DictConfig) -> dict:
     return {"adapter": cfg.adapter, "init": cfg.init, "seed": cfg.seed}
 
 
+def _gram_passes(names: list[str], widths: dict[str, int], budget_bytes: float) -> list[list[str]]:
+    """Split modules (in model order) into passes whose float64 Grams fit ``budget_bytes``."""
+    passes: list[list[str]] = [[]]
+    used = 0.0
+    for name in names:
+        need = 8.0 * widths[name] ** 2
+        if passes[-1] and used + need > budget_bytes:
+            passes.append([])
+            used = 0.0
+        passes[-1].append(name)
+        used += need
+    return passes
+
+
+def full_precision_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
+    """({module name: XXᵀ float64 [d_in, d_in]}, {module name: full-precision W}, tokens)."""
+    from qwha.init import calibration_grams
+    from qwha.init.hessian import select_target_modules
+    from qwha.models import base_model_ref, load_causal_lm, torch_dtype
+
+    dev = device(cfg)
+    fp = load_causal_lm(base_model_ref(inputs["base"].path), torch_dtype(str(cfg.model.dtype), dev), dev)
+    calib = load_calibration(inputs["calib"].path)
+    modules = select_target_modules(fp, targets)
+    weights = {name: m.weight.detach().to("cpu", torch.float32).clone() for name, m in modules.items()}
+    widths = {name: m.in_features for name, m in modules.items()}
+    budget = float(cfg.init.gram_budget_gb) * 2**30
+    grams: dict[str, torch.Tensor] = {}
+    passes = _gram_passes(list(modules), widths, budget)
+    for i, chunk in enumerate(passes):
+        log.info("calibration Grams: pass %d/%d over %d modules", i + 1, len(passes), len(chunk))
+        with torch.no_grad():
+            grams.update(
+                calibration_grams(
+                    fp, calib, targets, batch_size=int(cfg.init.batch_size), device=dev, modules=chunk
+                )
+            )
+    del fp
+    return grams, weights, int(calib.numel())
+
+
+def _rtn_quantizer(bits: int, group_size: int):
+    from qwha.adapters.synthetic import rtn_grid
+
+    return lambda w: rtn_grid(w, bits, group_size)[0].to(w.dtype)
+
+
 def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
-    raise StageNotReady("stage 'init' is not implemented yet (issue #5); no artifact was written")
+    from qwha.adapters import adapter_layers, attach_adapter, save_adapter
+    from qwha.init import initialize, layer_error, normalized_rank, outlier_coverage
+    from qwha.models import base_model_ref, load_tokenizer, torch_dtype
+    from qwha.quant import load_quantized
+
+    a, ini = cfg.adapter, cfg.init
+    dev = device(cfg)
+    targets = list(a.target_modules)
+    t0 = time.time()
+    grams, weights, n_tokens = full_precision_grams(cfg, inputs, targets)
+    gram_s = time.time() - t0
+
+    model = load_quantized(
+        inputs["quantize"].path / MODEL_DIR, device=str(dev), dtype=torch_dtype(str(cfg.model.dtype), dev)
+    )
+    if a.method == "wha":
+        model = attach_adapter(
+            model,
+            method="wha",
+            rank=int(a.rank),
+            target_modules=targets,
+            transform=str(a.transform),
+            dims=int(a.dims),
+            scale_norm=str(a.scale_norm),
+            alpha=float(a.alpha),
+            dropout=float(a.dropout),
+        )
+    else:
+        model = attach_adapter(
+            model,
+            method="lora",
+            rank=int(a.rank),
+            target_modules=targets,
+            lora_alpha=float(a.lora_alpha),
+            dropout=float(a.dropout),
+        )
+    layers = adapter_layers(model)
+    quantize_fn = _rtn_quantizer(int(cfg.quant.bits), int(cfg.quant.group_size))
+    report: dict[str, dict] = {}
+    t1 = time.time()
+    for name, layer in tqdm(layers.items(), desc=f"init {ini.method}", unit="layer"):
+        w = weights[name].to(dev)
+        w_q = layer.base_weight().to(dev)
+        delta = (w - w_q).double()
+        gram = grams[name].to(dev)
+        kw = {}
+        if ini.kind == "sparse":
+            kw = dict(
+                budget=layer.budget,
+                transform=str(a.transform),
+                transform_out=str(a.transform) if int(a.dims) == 2 else None,
+                refine=bool(ini.refine),
+                temperature=float(ini.temperature),
+                alloc_weight=str(ini.alloc_weight),
+                score=str(ini.score),
+            )
+        else:
+            kw = dict(
+                rank=layer.rank,
+                loftq_iters=int(ini.get("loftq_iters", 1)),
+                weight=w.double(),
+                quantize_fn=quantize_fn,
+            )
+        res = initialize(str(ini.method), delta, gram, seed=int(cfg.seed), **kw)
+        if res["kind"] == "sparse":
+            layer.set_sparse(res["indices"], (res["values"] / layer.scale).float())
+        else:
+            layer.set_lora(res["A"].float(), (res["B"] / layer.scaling).float())
+        update = layer.delta_weight().detach().double().to(dev)
+        row = layer_error(delta, update, gram, n_tokens=n_tokens, weight=w.double())
+        core = layer.sparse_matrix() if res["kind"] == "sparse" else update
+        row["normalized_rank"] = normalized_rank(core.detach())
+        row["outlier_coverage"] = outlier_coverage(delta, update)
+        row["shape"] = list(delta.shape)
+        report[name] = row
+    init_s = time.time() - t1
+    del weights, grams
+
+    save_adapter(model, out / ADAPTER_DIR)
+    tok = load_tokenizer(base_model_ref(inputs["base"].path))
+    ppl = heldout_perplexity(model, tok, cfg) if cfg.eval.perplexity.enabled else None
+    summary = _averages(report)
+    summary["gram_s"] = round(gram_s, 2)
+    summary["init_s"] = round(init_s, 2)
+    if ppl is not None:
+        summary["heldout_ppl"] = ppl["ppl"]
+    (out / INIT_REPORT).write_text(
+        json.dumps({"summary": summary, "by_projection": _by_projection(report), "layers": report}, indent=2)
+    )
+    return {"summary": summary}
+
+
+_AVERAGED = ("abs", "relative", "rms", "relative_output", "normalized_rank", "outlier_coverage")
+
+
+def _averages(report: dict[str, dict]) -> dict[str, float]:
+    out = {}
+    for key in _AVERAGED:
+        vals = [row[key] for row in report.values() if key in row]
+        if vals:
+            out[f"layer_error_{key}" if key in ("abs", "relative", "rms", "relative_output") else key] = sum(
+                vals
+            ) / len(vals)
+    return out
+
+
+def _by_projection(report: dict[str, dict]) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for name, row in report.items():
+        groups[name.rsplit(".", 1)[-1]].append(row)
+    return {proj: _averages(dict(enumerate(rows))) for proj, rows in groups.items()}

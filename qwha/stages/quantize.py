@@ -52,7 +52,9 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     tok = load_tokenizer(str(src))
     if q.method != "none":
         tok.save_pretrained(out / MODEL_DIR)
-    (out / QUANT_INFO).write_text(json.dumps({"method": q.method, "bits": q.bits, "group_size": q.group_size}))
+    (out / QUANT_INFO).write_text(
+        json.dumps({"method": q.method, "bits": q.bits, "group_size": q.group_size})
+    )
     model = load_quantized(out / MODEL_DIR, device=str(dev), dtype=torch_dtype(str(cfg.model.dtype), dev))
     ppl = heldout_perplexity(model, tok, cfg)
     metrics["heldout_ppl"] = ppl["ppl"]
