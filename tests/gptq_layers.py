@@ -1,12 +1,5 @@
-"""Test helpers: GPTQModel ``TorchLinear`` layers and tiny Llama models built without a quantization run.
-
-``torch_linear_from(linear, bits, group_size)`` rounds the weight to an asymmetric per-group grid
-(round-to-nearest, the GPTQ format's storage) and packs it with GPTQModel's public
-``pack_original``; the layer's dequantized weight is then that grid exactly, which the tests use
-as ``W_Q``. ``TorchLinear.post_init()`` would wrap ``dequantize_weight`` in ``torch.compile``
-(~15 s per process on CPU); the helpers skip that by marking the layer optimized, which changes
-nothing in its arithmetic.
-"""
+"""Test helpers: tiny Llama models whose linears are GPTQModel ``TorchLinear`` layers packed without a
+quantization run (see :mod:`qwha.adapters.synthetic`)."""
 
 from __future__ import annotations
 
@@ -17,48 +10,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-
-def rtn_grid(weight: torch.Tensor, bits: int, group_size: int):
-    """Asymmetric per-group RTN: (W_Q [d_out, d_in] as GPTQModel dequantizes it, scale, zero)."""
-    d_out, d_in = weight.shape
-    w = weight.detach().float().reshape(d_out, d_in // group_size, group_size)
-    maxq = 2**bits - 1
-    wmin, wmax = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
-    scale = ((wmax - wmin) / maxq).clamp_min(1e-5).half().float()  # fp16 storage of the scales
-    zero = torch.round(-wmin / scale).clamp(0, maxq)
-    q = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, maxq)
-    # GPTQModel dequantizes in fp16: scale·(q − zero), one correctly rounded fp16 product
-    deq = ((q - zero[..., None]) * scale[..., None]).reshape(d_out, d_in).half().float()
-    return deq, scale, zero
-
-
-def torch_linear_from(linear: nn.Linear, bits: int = 4, group_size: int = 32):
-    """A GPTQModel ``TorchLinear`` holding ``linear``'s weight on a ``bits``-bit grid (CPU, fp16)."""
-    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
-
-    d_out, d_in = linear.weight.shape
-    deq, scale, zero = rtn_grid(linear.weight, bits, group_size)
-    src = nn.Linear(d_in, d_out, bias=linear.bias is not None)
-    with torch.no_grad():
-        src.weight.copy_(deq)
-        if linear.bias is not None:
-            src.bias.copy_(linear.bias.detach().float())
-    layer = TorchLinear(
-        bits=bits,
-        group_size=group_size,
-        sym=False,
-        desc_act=False,
-        in_features=d_in,
-        out_features=d_out,
-        bias=linear.bias is not None,
-        pack_dtype=torch.int32,
-    )
-    g_idx = torch.arange(d_in, dtype=torch.int32) // group_size
-    layer.pack_original(src, scale.half(), zero.half(), g_idx)
-    layer.optimized = True  # skip GPTQModel's torch.compile of dequantize_weight (see module doc)
-    layer.post_init()
-    layer.eval()
-    return layer
+from qwha.adapters.synthetic import rtn_grid, torch_linear_from  # noqa: E402,F401
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):

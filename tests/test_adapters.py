@@ -51,13 +51,13 @@ def dense_reference(w_q, bias, idx, vals, transform, dims, scale, x, g):
     return y.detach(), gc, gx
 
 
-def check_layer_against_dense(layer, w_q, bias, transform, dims, seed):
+def check_layer_against_dense(layer, w_q, bias, transform, dims, seed, tokens=5):
     d_out, d_in = w_q.shape
     p = layer.budget
     idx, vals = random_sparse(d_out, d_in, p, seed)
     layer.set_sparse(idx, vals)
-    x = torch.randn(2, 5, d_in, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(2, 5, d_out, dtype=torch.float64)
+    x = torch.randn(2, tokens, d_in, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, tokens, d_out, dtype=torch.float64)
     y = layer(x)
     gc_layer, gx = torch.autograd.grad((y * g).sum(), (layer.wha_c, x))
     y_ref, gc_ref, gx_ref = dense_reference(w_q, bias, idx, vals, transform, dims, layer.scale, x, g)
@@ -93,11 +93,22 @@ def test_gptq_base_equals_dense(transform, dims, compute):
     assert torch.equal(layer.base_weight(), w_q)
 
 
+@pytest.mark.parametrize("transform, dims", [("wht", 1), ("wht", 2), ("dct", 2)])
+@pytest.mark.parametrize("tokens", [2, 40])
+def test_fused_gradient_both_orders(transform, dims, tokens):
+    # few tokens: ∂L/∂c from transformed activations; many tokens: from the transformed ∂L/∂ΔW
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20, dtype=torch.float64)
+    layer = WHALinear(base, 33, transform=transform, dims=dims, compute="fused")
+    check_layer_against_dense(layer, base.weight.detach(), base.bias.detach(), transform, dims, 5, tokens)
+
+
 def test_dropout_path_is_split_and_exact_in_eval():
     torch.manual_seed(0)
     base = nn.Linear(16, 12, dtype=torch.float64)
     layer = WHALinear(base, 20, dropout=0.5)
-    assert layer.resolved_compute() == "delta"
+    assert layer.resolved_compute() == "sparse"
+    assert WHALinear(base, 20, dropout=0.5, dims=2).resolved_compute() == "delta"
     layer.eval()
     check_layer_against_dense(layer, base.weight.detach(), base.bias.detach(), "wht", 1, seed=3)
 

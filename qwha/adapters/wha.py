@@ -22,9 +22,10 @@ Computation (``compute``), all exact:
 * ``"delta"`` (weight side, split): ``y = base(x) + dropout(x) · ΔWᵀ``: any base layer, dropout.
 * ``"sparse"`` (activation side, ``dims=1``): ``y = base(x) + s · (dropout(x) · T) · Fᵀ`` with a CSR
   product; ``∂L/∂c`` is a sampled product of ``g`` and ``x·T`` at ``E``.
-* ``"auto"``: ``"fused"`` when the base exposes its dense weight and there is no dropout, else
-  ``"delta"`` (the choice measured by ``experiments/bench_adapter.py``; see
-  ``experiments/results/adapter.md``).
+* ``"auto"``: per device, :data:`AUTO_COMPUTE` (CPU: ``"sparse"``, measured; CUDA: ``"fused"``,
+  provisional); ``"sparse"`` also whenever fusing is impossible (dropout, or a base without a dense
+  weight) and ``dims=1``, else ``"delta"``. Measurements: ``experiments/bench_adapter.py`` and
+  ``experiments/results/adapter.md``.
 """
 
 from __future__ import annotations
@@ -51,8 +52,13 @@ from qwha.transforms import apply_transform, check_transform
 
 SCALE_NORMS = ("paper", "reference", "none")
 COMPUTES = ("auto", "fused", "delta", "sparse")
+# What compute="auto" prefers per device type (dims=1; dims=2 is always weight side). CPU: measured by
+# experiments/bench_adapter.py (activation side fastest, experiments/results/adapter.md). CUDA:
+# provisional until the same script runs on the GPU machine.
+AUTO_COMPUTE = {"cpu": "sparse", "cuda": "fused"}
 
 __all__ = [
+    "AUTO_COMPUTE",
     "COMPUTES",
     "SCALE_NORMS",
     "WHAConfig",
@@ -163,8 +169,14 @@ class _FusedWeightSide(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g2 = grad_y.reshape(-1, layer.out_features)
             x2 = x.reshape(-1, layer.in_features).to(g2.dtype)
-            grad_delta = g2.T @ x2  # ∂L/∂ΔW, [d_out, d_in]
-            grad_c = layer._grad_values(grad_delta).to(c.dtype)
+            n_tok, d_out, d_in = g2.shape[0], layer.out_features, layer.in_features
+            if n_tok * (d_in + (d_out if layer.dims == 2 else 0)) < d_out * d_in:
+                # Fewer tokens than rows: transform the activations, ∂L/∂F = s·(g·T_out)ᵀ(x·T_in) at E.
+                xt = apply_transform(x2, layer.transform, dim=1)
+                gt = apply_transform(g2, layer.transform, dim=1) if layer.dims == 2 else g2
+                grad_c = (layer._sampled_product(gt, xt) * layer.scale).to(c.dtype)
+            else:  # transform ∂L/∂ΔW = gᵀx, [d_out, d_in]
+                grad_c = layer._grad_values(g2.T @ x2).to(c.dtype)
         return grad_x, grad_c, None
 
 
@@ -191,9 +203,7 @@ class _SparseActivationSide(torch.autograd.Function):
             ft = layer._csr_t(c.detach().to(cdtype) * layer.scale)  # Fᵀ as CSR [d_in, d_out]
             grad_xt = (ft @ g.T).T.to(xt.dtype)
         if ctx.needs_input_grad[1]:
-            pattern = layer._csr(torch.ones(c.shape[0], dtype=cdtype, device=c.device))
-            sampled = torch.sparse.sampled_addmm(pattern, g.T.contiguous(), xt.to(cdtype), beta=0.0)
-            grad_c = (sampled.values() * layer.scale).to(c.dtype)
+            grad_c = (layer._sampled_product(g, xt.to(cdtype)) * layer.scale).to(c.dtype)
         return grad_xt, grad_c, None
 
 
@@ -339,6 +349,18 @@ class WHALinear(nn.Module):
             g = apply_transform(g, self.transform, dim=0)
         return g.reshape(-1)[self.wha_indices.long()] * self.scale
 
+    def _sampled_product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``(aᵀ b)`` at ``E`` in storage order, for ``a`` ``[N, d_out]`` and ``b`` ``[N, d_in]``.
+
+        CPU: a sampled sparse product (``p·N`` multiply-adds). CUDA: the dense product then a gather
+        (``d_out·d_in·N`` on tensor cores beats an irregular ``p·N`` there at these densities)."""
+        if a.is_cuda:
+            return (a.T @ b).reshape(-1)[self.wha_indices.long()].float()
+        cdtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+        pattern = self._csr(torch.ones(self.budget, dtype=cdtype, device=a.device))
+        sampled = torch.sparse.sampled_addmm(pattern, a.T.to(cdtype).contiguous(), b.to(cdtype), beta=0.0)
+        return sampled.values()
+
     def _csr_structure(self) -> dict[str, torch.Tensor]:
         idx = self.wha_indices
         key = (idx.data_ptr(), idx._version, idx.device)
@@ -371,9 +393,13 @@ class WHALinear(nn.Module):
         )
 
     def resolved_compute(self) -> str:
+        """The computation ``forward`` uses; ``"auto"`` follows :data:`AUTO_COMPUTE` by device."""
         if self.compute != "auto":
             return self.compute
         fusable = isinstance(self.dropout, nn.Identity) and has_dense_weight(self.base_layer)
+        preferred = AUTO_COMPUTE.get(self.wha_c.device.type, "fused")
+        if self.dims == 1 and (preferred == "sparse" or not fusable):
+            return "sparse"
         return "fused" if fusable else "delta"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
