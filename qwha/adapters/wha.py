@@ -1,0 +1,454 @@
+"""The WHA adapter family: a sparse spectral update ``ΔW = s · F · T⁻¹`` on a frozen (quantized) linear.
+
+``F`` is ``[d_out, d_in]`` with ``p`` trainable values ``c`` at fixed positions ``E``; ``T`` is an
+orthonormal transform along ``d_in`` (:mod:`qwha.transforms`): ``wht`` is WHA (the paper's method),
+``dct`` DCA, ``dht`` DHA, ``identity`` a plain sparse update (SHiRA-like). With ``dims=2`` the update
+is inverse-transformed along both axes, ``ΔW = s · T_out · F · T_in⁻¹`` (the FourierFT/LoCA/SSH form,
+an ablation). Only ``c`` trains.
+
+Positions are stored flat and row-major, ``e = row · d_in + col``, sorted ascending (CSR order) in
+the int32 buffer ``wha_indices``; ``set_sparse`` sorts whatever it is given and permutes the values
+with it. Before initialisation a layer holds ``p`` zeros at the evenly spread default positions
+``e_k = ⌊k · d_out · d_in / p⌋``, ``k = 0 … p−1`` (deterministic, distinct, about ``p / d_out`` per row).
+
+Scale ``s`` (``scale_norm``): ``"paper"`` α / d_in (the paper's text), ``"reference"`` α / √(d_in·d_out)
+(what the authors' code applies; its learning rates were tuned with it), ``"none"`` α.
+
+Computation (``compute``), all exact:
+
+* ``"fused"`` (weight side): ``y = x · (W_Q + ΔW)ᵀ + b``, one dense product. The backward recomputes
+  ``W_Q + ΔW`` instead of saving it and gets ``∂L/∂c`` by transforming ``∂L/∂ΔW = gᵀx`` and gathering
+  at ``E`` — so nothing of size ``d_out × d_in`` stays alive between forward and backward.
+* ``"delta"`` (weight side, split): ``y = base(x) + dropout(x) · ΔWᵀ``: any base layer, dropout.
+* ``"sparse"`` (activation side, ``dims=1``): ``y = base(x) + s · (dropout(x) · T) · Fᵀ`` with a CSR
+  product; ``∂L/∂c`` is a sampled product of ``g`` and ``x·T`` at ``E``.
+* ``"auto"``: per device, :data:`AUTO_COMPUTE` (CPU: ``"sparse"``, measured; CUDA: ``"fused"``,
+  provisional); ``"sparse"`` also whenever fusing is impossible (dropout, or a base without a dense
+  weight) and ``dims=1``, else ``"delta"``. Measurements: ``experiments/bench_adapter.py`` and
+  ``experiments/results/adapter.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwha.adapters.base import (
+    base_bias,
+    dense_weight,
+    has_dense_weight,
+    iter_target_linears,
+    linear_features,
+    unwrap_model,
+)
+from qwha.hadamard import hadamard_factors
+from qwha.transforms import apply_transform, check_transform
+
+SCALE_NORMS = ("paper", "reference", "none")
+COMPUTES = ("auto", "fused", "delta", "sparse")
+# What compute="auto" prefers per device type (dims=1; dims=2 is always weight side). CPU: measured by
+# experiments/bench_adapter.py (activation side fastest, experiments/results/adapter.md). CUDA:
+# provisional until the same script runs on the GPU machine.
+AUTO_COMPUTE = {"cpu": "sparse", "cuda": "fused"}
+
+__all__ = [
+    "AUTO_COMPUTE",
+    "COMPUTES",
+    "SCALE_NORMS",
+    "WHAConfig",
+    "WHALinear",
+    "attach_wha",
+    "default_indices",
+    "wha_budget",
+    "wha_scale",
+]
+
+
+@dataclass
+class WHAConfig:
+    """Configuration of the WHA family (serialised into ``adapter_config.json``).
+
+    Attributes:
+        r: LoRA-equivalent rank; the per-layer budget is ``p = r · (d_in + d_out)`` values, capped at
+            ``d_in · d_out``. Paper: 64.
+        target_modules: module-name suffixes (list) or a full-name regex (str), PEFT's rule.
+        transform: ``wht`` (WHA), ``dct`` (DCA), ``dht`` (DHA) or ``identity``.
+        dims: 1 (transform along d_in; the method) or 2 (both axes; the FourierFT/LoCA/SSH ablation).
+        scale_norm: ``reference`` (α/√(d_in·d_out), the authors' code), ``paper`` (α/d_in) or ``none`` (α).
+        alpha: α; 4000 in the paper.
+        dropout: dropout on the adapter's input (paper: 0).
+        compute: ``auto`` / ``fused`` / ``delta`` / ``sparse`` (see the module docstring).
+    """
+
+    r: int = 64
+    target_modules: list[str] | str = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    transform: str = "wht"
+    dims: int = 1
+    scale_norm: str = "reference"
+    alpha: float = 4000.0
+    dropout: float = 0.0
+    compute: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_transform(self.transform)
+        if self.dims not in (1, 2):
+            raise ValueError(f"dims={self.dims!r} is not one of 1, 2")
+        if self.scale_norm not in SCALE_NORMS:
+            raise ValueError(f"scale_norm={self.scale_norm!r} is not one of {', '.join(SCALE_NORMS)}")
+        if self.compute not in COMPUTES:
+            raise ValueError(f"compute={self.compute!r} is not one of {', '.join(COMPUTES)}")
+        if self.compute == "sparse" and self.dims != 1:
+            raise ValueError("compute='sparse' (activation side) needs dims=1")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r={self.r!r} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def wha_scale(scale_norm: str, alpha: float, d_in: int, d_out: int) -> float:
+    """The scale ``s`` of ``ΔW = s · F · T⁻¹``."""
+    if scale_norm == "paper":
+        return alpha / d_in
+    if scale_norm == "reference":
+        return alpha / math.sqrt(d_in * d_out)
+    if scale_norm == "none":
+        return float(alpha)
+    raise ValueError(f"scale_norm={scale_norm!r} is not one of {', '.join(SCALE_NORMS)}")
+
+
+def default_indices(p: int, d_out: int, d_in: int) -> torch.Tensor:
+    """The evenly spread flat positions ``⌊k · d_out · d_in / p⌋`` (int64, ascending, distinct)."""
+    return torch.arange(p, dtype=torch.int64) * (d_out * d_in) // p
+
+
+def _check_sizes(transform: str, dims: int, d_in: int, d_out: int) -> None:
+    if transform == "wht":
+        hadamard_factors(d_in)  # raises HadamardSizeError naming the nearest supported widths
+        if dims == 2:
+            hadamard_factors(d_out)
+
+
+def _csr_tensor(
+    crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    with warnings.catch_warnings():  # "CSR support is in beta": we use only mm and sampled_addmm
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+class _FusedWeightSide(torch.autograd.Function):
+    """``y = x (W_Q + ΔW(c))ᵀ + b`` saving only ``x`` and ``c``; see ``WHALinear`` compute="fused"."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, c: torch.Tensor, layer: WHALinear) -> torch.Tensor:
+        w = layer._effective_weight(c.detach(), x.dtype)
+        bias = base_bias(layer.base_layer)
+        y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(x, c)
+        ctx.layer = layer
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, c = ctx.saved_tensors
+        layer: WHALinear = ctx.layer
+        grad_x = grad_c = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ layer._effective_weight(c.detach(), grad_y.dtype)
+        if ctx.needs_input_grad[1]:
+            g2 = grad_y.reshape(-1, layer.out_features)
+            x2 = x.reshape(-1, layer.in_features).to(g2.dtype)
+            n_tok, d_out, d_in = g2.shape[0], layer.out_features, layer.in_features
+            if n_tok * (d_in + (d_out if layer.dims == 2 else 0)) < d_out * d_in:
+                # Fewer tokens than rows: transform the activations, ∂L/∂F = s·(g·T_out)ᵀ(x·T_in) at E.
+                xt = apply_transform(x2, layer.transform, dim=1)
+                gt = apply_transform(g2, layer.transform, dim=1) if layer.dims == 2 else g2
+                grad_c = (layer._sampled_product(gt, xt) * layer.scale).to(c.dtype)
+            else:  # transform ∂L/∂ΔW = gᵀx, [d_out, d_in]
+                grad_c = layer._grad_values(g2.T @ x2).to(c.dtype)
+        return grad_x, grad_c, None
+
+
+class _SparseActivationSide(torch.autograd.Function):
+    """``s · xt · Fᵀ`` for ``xt = x·T`` ``[N, d_in]`` with ``F`` in CSR form; grads for ``xt`` and ``c``."""
+
+    @staticmethod
+    def forward(ctx, xt: torch.Tensor, c: torch.Tensor, layer: WHALinear) -> torch.Tensor:
+        cdtype = torch.float32 if xt.dtype in (torch.float16, torch.bfloat16) else xt.dtype
+        f = layer._csr(c.detach().to(cdtype) * layer.scale)
+        y = (f @ xt.to(cdtype).T).T
+        ctx.save_for_backward(xt, c)
+        ctx.layer = layer
+        return y.to(xt.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        xt, c = ctx.saved_tensors
+        layer: WHALinear = ctx.layer
+        cdtype = torch.float32 if xt.dtype in (torch.float16, torch.bfloat16) else xt.dtype
+        g = grad_y.to(cdtype)
+        grad_xt = grad_c = None
+        if ctx.needs_input_grad[0]:
+            ft = layer._csr_t(c.detach().to(cdtype) * layer.scale)  # Fᵀ as CSR [d_in, d_out]
+            grad_xt = (ft @ g.T).T.to(xt.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_c = (layer._sampled_product(g, xt.to(cdtype)) * layer.scale).to(c.dtype)
+        return grad_xt, grad_c, None
+
+
+class WHALinear(nn.Module):
+    """A linear layer plus the sparse spectral update ``s · F · T⁻¹`` (see the module docstring).
+
+    Args:
+        base_layer: ``nn.Linear`` or a GPTQModel quantized linear; frozen.
+        budget: number of trainable values ``p`` (``attach_adapter`` passes ``r · (d_in + d_out)``
+            capped at ``d_in · d_out``).
+        transform, dims, scale_norm, alpha, dropout, compute: as in :class:`WHAConfig`.
+        dtype: dtype of ``c``; float32 by default (float64 on a float64 ``nn.Linear``).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        budget: int,
+        *,
+        transform: str = "wht",
+        dims: int = 1,
+        scale_norm: str = "reference",
+        alpha: float = 4000.0,
+        dropout: float = 0.0,
+        compute: str = "auto",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        WHAConfig(
+            transform=transform,
+            dims=dims,
+            scale_norm=scale_norm,
+            alpha=alpha,
+            dropout=dropout,
+            compute=compute,
+        )
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_features(base_layer)
+        d_in, d_out = self.in_features, self.out_features
+        if not 1 <= budget <= d_in * d_out:
+            raise ValueError(
+                f"budget={budget} must be in [1, d_in·d_out = {d_in * d_out}] for a {d_out}×{d_in} layer"
+            )
+        _check_sizes(transform, dims, d_in, d_out)
+        if compute == "fused" and (dropout > 0 or not has_dense_weight(base_layer)):
+            raise ValueError("compute='fused' needs dropout=0 and a base layer that exposes its dense weight")
+        self.transform, self.dims, self.scale_norm, self.alpha = transform, dims, scale_norm, float(alpha)
+        self.scale = wha_scale(scale_norm, alpha, d_in, d_out)
+        self.compute = compute
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        ref = (
+            next(iter(base_layer.buffers()), None)
+            if not isinstance(base_layer, nn.Linear)
+            else base_layer.weight
+        )
+        device = ref.device if ref is not None else None
+        if dtype is None:
+            is_f64 = isinstance(base_layer, nn.Linear) and base_layer.weight.dtype == torch.float64
+            dtype = torch.float64 if is_f64 else torch.float32
+        self.wha_c = nn.Parameter(torch.zeros(budget, dtype=dtype, device=device))
+        self.register_buffer("wha_indices", default_indices(budget, d_out, d_in).to(torch.int32).to(device))
+        self._structure_key: tuple | None = None
+        self._structure: dict[str, torch.Tensor] = {}
+
+    # ---- the API the init stage uses -----------------------------------------------------------
+
+    method = "wha"
+
+    @property
+    def budget(self) -> int:
+        return self.wha_c.shape[0]
+
+    def base_weight(self) -> torch.Tensor:
+        """Dequantized base weight ``W_Q`` ``[d_out, d_in]``, float32 (float64 for a float64 base)."""
+        with torch.no_grad():
+            w = dense_weight(self.base_layer)
+            return w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+
+    @torch.no_grad()
+    def set_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Set ``E`` (``[p, 2]`` (row, col) pairs) and the stored values ``c`` (``[p]``, already divided
+        by ``s``)."""
+        p = self.budget
+        if indices.shape != (p, 2) or values.shape != (p,):
+            raise ValueError(
+                f"set_sparse needs indices [{p}, 2] and values [{p}], "
+                f"got {tuple(indices.shape)} and {tuple(values.shape)}"
+            )
+        rows, cols = indices[:, 0].long(), indices[:, 1].long()
+        if (
+            rows.min() < 0
+            or rows.max() >= self.out_features
+            or cols.min() < 0
+            or cols.max() >= self.in_features
+        ):
+            raise ValueError(f"indices out of range for a {self.out_features}×{self.in_features} layer")
+        flat = rows * self.in_features + cols
+        flat, order = torch.sort(flat)
+        if p > 1 and bool((flat[1:] == flat[:-1]).any()):
+            raise ValueError("indices contain duplicate positions")
+        self.wha_indices.copy_(flat.to(self.wha_indices.device, torch.int32))
+        self.wha_c.copy_(values.to(self.wha_c.device)[order.to(values.device)].to(self.wha_c.dtype))
+
+    def indices(self) -> torch.Tensor:
+        """``E`` as ``[p, 2]`` (row, col), int64, in storage (row-major) order."""
+        flat = self.wha_indices.long()
+        return torch.stack((flat // self.in_features, flat % self.in_features), dim=1)
+
+    def sparse_matrix(self) -> torch.Tensor:
+        """Dense ``F`` ``[d_out, d_in]`` (the stored values, without ``s``)."""
+        f = torch.zeros(
+            self.out_features * self.in_features, dtype=self.wha_c.dtype, device=self.wha_c.device
+        )
+        return f.index_put((self.wha_indices.long(),), self.wha_c).view(self.out_features, self.in_features)
+
+    def delta_weight(self, c: torch.Tensor | None = None) -> torch.Tensor:
+        """``ΔW = s · F · T⁻¹`` (``dims=2``: ``s · T_out · F · T_in⁻¹``), ``[d_out, d_in]``, differentiable.
+
+        Float32 for a float32 ``c`` (float64 for float64)."""
+        c = self.wha_c if c is None else c
+        n = self.out_features * self.in_features
+        f = torch.zeros(n, dtype=c.dtype, device=c.device).index_put(
+            (self.wha_indices.long(),), c * self.scale
+        )
+        d = apply_transform(f.view(self.out_features, self.in_features), self.transform, dim=1, inverse=True)
+        if self.dims == 2:
+            d = apply_transform(d, self.transform, dim=0, inverse=True)
+        return d
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _effective_weight(self, c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        with torch.no_grad():
+            w = dense_weight(self.base_layer)
+            delta = self.delta_weight(c)
+            return (w.to(delta.dtype) + delta).to(dtype)
+
+    def _grad_values(self, grad_delta: torch.Tensor) -> torch.Tensor:
+        """``∂L/∂c`` from ``∂L/∂ΔW``: ``s · (T_outᵀ) G T_in`` gathered at ``E``."""
+        cdtype = torch.float64 if grad_delta.dtype == torch.float64 else torch.float32
+        g = apply_transform(grad_delta.to(cdtype), self.transform, dim=1)
+        if self.dims == 2:
+            g = apply_transform(g, self.transform, dim=0)
+        return g.reshape(-1)[self.wha_indices.long()] * self.scale
+
+    def _sampled_product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``(aᵀ b)`` at ``E`` in storage order, for ``a`` ``[N, d_out]`` and ``b`` ``[N, d_in]``.
+
+        CPU: a sampled sparse product (``p·N`` multiply-adds). CUDA: the dense product then a gather
+        (``d_out·d_in·N`` on tensor cores beats an irregular ``p·N`` there at these densities)."""
+        if a.is_cuda:
+            return (a.T @ b).reshape(-1)[self.wha_indices.long()].float()
+        cdtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+        pattern = self._csr(torch.ones(self.budget, dtype=cdtype, device=a.device))
+        sampled = torch.sparse.sampled_addmm(pattern, a.T.to(cdtype).contiguous(), b.to(cdtype), beta=0.0)
+        return sampled.values()
+
+    def _csr_structure(self) -> dict[str, torch.Tensor]:
+        idx = self.wha_indices
+        key = (idx.data_ptr(), idx._version, idx.device)
+        if key != self._structure_key:
+            flat = idx.long()
+            rows, cols = flat // self.in_features, flat % self.in_features
+            crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=idx.device)
+            crow[1:] = torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0)
+            order_t = torch.argsort(cols * self.out_features + rows)
+            crow_t = torch.zeros(self.in_features + 1, dtype=torch.int64, device=idx.device)
+            crow_t[1:] = torch.cumsum(torch.bincount(cols, minlength=self.in_features), 0)
+            self._structure = {
+                "crow": crow,
+                "col": cols,
+                "order_t": order_t,
+                "crow_t": crow_t,
+                "col_t": rows[order_t],
+            }
+            self._structure_key = key
+        return self._structure
+
+    def _csr(self, values: torch.Tensor) -> torch.Tensor:
+        st = self._csr_structure()
+        return _csr_tensor(st["crow"], st["col"], values, (self.out_features, self.in_features))
+
+    def _csr_t(self, values: torch.Tensor) -> torch.Tensor:
+        st = self._csr_structure()
+        return _csr_tensor(
+            st["crow_t"], st["col_t"], values[st["order_t"]], (self.in_features, self.out_features)
+        )
+
+    def resolved_compute(self) -> str:
+        """The computation ``forward`` uses; ``"auto"`` follows :data:`AUTO_COMPUTE` by device."""
+        if self.compute != "auto":
+            return self.compute
+        fusable = isinstance(self.dropout, nn.Identity) and has_dense_weight(self.base_layer)
+        preferred = AUTO_COMPUTE.get(self.wha_c.device.type, "fused")
+        if self.dims == 1 and (preferred == "sparse" or not fusable):
+            return "sparse"
+        return "fused" if fusable else "delta"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.resolved_compute()
+        if mode == "fused":
+            return _FusedWeightSide.apply(x, self.wha_c, self)
+        y = self.base_layer(x)
+        xa = self.dropout(x)
+        if mode == "delta":
+            return y + F.linear(xa.to(y.dtype), self.delta_weight().to(y.dtype))
+        xt = apply_transform(xa, self.transform, dim=-1)
+        delta = _SparseActivationSide.apply(xt.reshape(-1, self.in_features), self.wha_c, self)
+        return y + delta.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, budget={self.budget}, "
+            f"transform={self.transform}, dims={self.dims}, scale={self.scale:.6g} ({self.scale_norm}), "
+            f"compute={self.compute}"
+        )
+
+
+def wha_budget(rank: int, d_in: int, d_out: int) -> int:
+    """Per-layer budget ``p = r · (d_in + d_out)``, capped at ``d_in · d_out``."""
+    return min(rank * (d_in + d_out), d_in * d_out)
+
+
+def attach_wha(model: nn.Module, config: WHAConfig, budgets: dict[str, int] | None = None) -> nn.Module:
+    """Replace every target linear of ``model`` by a :class:`WHALinear` (in place); freeze all but ``c``."""
+    inner = unwrap_model(model)
+    targets = list(iter_target_linears(inner, config.target_modules))
+    layers = {}
+    for name, module, _parent, _attr in targets:  # build all first: a bad width fails before any change
+        d_in, d_out = int(module.in_features), int(module.out_features)
+        p = budgets[name] if budgets is not None else wha_budget(config.r, d_in, d_out)
+        layers[name] = WHALinear(
+            module,
+            p,
+            transform=config.transform,
+            dims=config.dims,
+            scale_norm=config.scale_norm,
+            alpha=config.alpha,
+            dropout=config.dropout,
+            compute=config.compute,
+        )
+    for p in inner.parameters():
+        p.requires_grad_(False)
+    for name, _module, parent, attr in targets:
+        setattr(parent, attr, layers[name])
+        layers[name].wha_c.requires_grad_(True)
+    inner.qwha_adapter_config = config
+    return model

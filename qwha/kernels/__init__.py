@@ -1,0 +1,1 @@
+"""Triton kernels (used on CUDA; tested on CPU under ``TRITON_INTERPRET=1``)."""

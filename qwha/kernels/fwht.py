@@ -1,0 +1,95 @@
+"""Triton kernel for the power-of-two Walsh-Hadamard butterflies.
+
+One program transforms ``ROWS`` rows of length ``P = 2^LOG_P`` held in registers. Each stage is the
+"perfect shuffle" form of a radix-2 butterfly: view the row as ``[2, P/2]`` (top index bit first),
+combine the halves into ``(a + b, a − b)`` and interleave them, which moves the transformed bit to
+the bottom. After ``LOG_P`` stages every bit has been transformed once and is back in place, so the
+result is the Sylvester transform in natural order. Arithmetic is float32 whatever the input dtype;
+the row is scaled by ``scale`` and rounded once into the output dtype.
+
+Whether this pays against the torch butterflies (``qwha.hadamard._butterflies_torch``) is measured
+by ``experiments/bench_adapter.py --fwht`` on the GPU machine. Under ``TRITON_INTERPRET=1`` the same
+kernel runs on CPU tensors; the interpreter must be selected before this module is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+MAX_LOG_P = 15  # 32768 float32 values per row in registers; longer rows use the torch path
+
+try:  # triton is a hard dependency on GPU machines; keep the CPU import path working without it
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - triton is in the project's dependencies
+    _HAVE_TRITON = False
+
+
+def interpreted() -> bool:
+    """Whether Triton runs in interpreter mode (kernels execute on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available() -> bool:
+    """Whether the kernel can run on CUDA tensors here."""
+    return _HAVE_TRITON and torch.cuda.is_available() and not interpreted()
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _fwht_rows_kernel(
+        x_ptr,
+        y_ptr,
+        n_rows,
+        scale,
+        P: tl.constexpr,
+        LOG_P: tl.constexpr,
+        ROWS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        r = pid * ROWS + tl.arange(0, ROWS)
+        c = tl.arange(0, P)
+        offs = r[:, None].to(tl.int64) * P + c[None, :]
+        mask = (r < n_rows)[:, None]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        for _ in tl.static_range(LOG_P):
+            x3 = tl.permute(tl.reshape(x, (ROWS, 2, P // 2)), (0, 2, 1))
+            a, b = tl.split(x3)
+            x = tl.reshape(tl.join(a + b, a - b), (ROWS, P))
+        tl.store(y_ptr + offs, (x * scale).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def supports(p: int) -> bool:
+    """Whether a power-of-two length ``p`` is handled by the kernel."""
+    return _HAVE_TRITON and p >= 2 and p & (p - 1) == 0 and p.bit_length() - 1 <= MAX_LOG_P
+
+
+def butterflies(x: torch.Tensor, scale: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``scale · x · H_P`` (unnormalised Sylvester ``H_P``) for a contiguous ``[R, P]`` tensor.
+
+    ``out_dtype`` defaults to float32 (the kernel's arithmetic)."""
+    if not _HAVE_TRITON:
+        raise RuntimeError("triton is not installed")
+    if x.ndim != 2 or not x.is_contiguous():
+        raise ValueError("butterflies() needs a contiguous [rows, P] tensor")
+    n_rows, p = x.shape
+    if not supports(p):
+        raise ValueError(f"row length {p} is not a power of two in [2, 2^{MAX_LOG_P}]")
+    y = torch.empty((n_rows, p), dtype=out_dtype or torch.float32, device=x.device)
+    if n_rows == 0:
+        return y
+    rows = max(1, min(64, 4096 // p))
+    num_warps = max(1, min(16, p * rows // 512))
+    grid = (triton.cdiv(n_rows, rows),)
+    _fwht_rows_kernel[grid](
+        x, y, n_rows, float(scale), P=p, LOG_P=p.bit_length() - 1, ROWS=rows, num_warps=num_warps
+    )
+    return y
+
+
+__all__ = ["MAX_LOG_P", "available", "butterflies", "interpreted", "supports"]
