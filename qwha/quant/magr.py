@@ -52,42 +52,33 @@ def project_l1_ball(v: Tensor, radius: float | Tensor = 1.0) -> Tensor:
     return torch.where(inside, v, projected)
 
 
-def _clip_level(a: Tensor, alpha: float, k: int) -> tuple[Tensor, Tensor]:
-    """Clip level ``t`` [..., 1] with ``Σ_j (a_j − t)_+ = alpha`` from the ``k`` largest entries of ``a``.
-
-    Also returns ``ρ`` [..., 1], the number of entries above ``t``; the level is exact wherever ``ρ < k``
-    or ``k`` equals the row length (Duchi's threshold rule on the sorted prefix).
-    """
-    u = torch.topk(a, k, dim=-1, sorted=True).values if k < a.shape[-1] else a.sort(-1, True).values
-    css = u.cumsum(dim=-1)
-    j = torch.arange(1, k + 1, device=a.device, dtype=a.dtype)
-    rho = (u * j > css - alpha).sum(dim=-1, keepdim=True).clamp_(min=1)
-    t = (css.gather(-1, rho - 1) - alpha) / rho.to(a.dtype)
-    return t, rho
-
-
-def prox_linf(v: Tensor, alpha: float, k: int = 4) -> Tensor:
+def prox_linf(v: Tensor, alpha: float) -> Tensor:
     """Proximal operator of ``alpha · ‖·‖_∞`` applied to each row of ``v`` (``[..., n]`` → ``[..., n]``).
 
     ``prox(v) = argmin_x ½‖x − v‖² + α‖x‖_∞ = v − α Π_{B₁}(v / α)`` (Moreau decomposition; the conjugate
     of ``‖·‖_∞`` is the indicator of the unit ℓ1 ball). Written out, it clips every entry of a row to
-    ``[−t, t]`` where ``t ≥ 0`` solves ``Σ_j (|v_j| − t)_+ = α`` (``t = 0`` when ``‖v‖₁ ≤ α``).
+    ``[−t, t]`` where ``t`` solves ``f(t) = Σ_j (|v_j| − t)_+ − α = 0`` (``t = 0`` when ``‖v‖₁ ≤ α``).
 
-    ``k``: how many of the largest magnitudes are examined first. For a small ``α`` only the top one or
-    two entries of a row are clipped, so a top-k replaces the full sort; rows whose clip reaches the
-    k-th entry are recomputed with a full sort, so the result is exact for any ``k``.
+    ``t`` is found without sorting, by Newton's method on the convex, decreasing, piecewise-linear ``f``
+    started left of the root at ``t₀ = max|v| − α``: ``t ← (Σ_{|v_j|>t} |v_j| − α) / #{|v_j| > t}``.
+    Iterates increase monotonically to the root and stop, exactly, once the set ``{|v_j| > t}`` stops
+    changing — after one or two steps when only the few largest entries are clipped (MagR's small α),
+    so a step costs a few elementwise passes instead of a sort.
     """
     if alpha <= 0:
         raise ValueError(f"quant.magr_alpha={alpha}: must be > 0")
-    n = v.shape[-1]
     a = v.abs()
-    k = min(k, n)
-    t, rho = _clip_level(a, alpha, k)
-    if k < n:
-        redo = (rho == k).squeeze(-1)
-        if bool(redo.any()):
-            t[redo] = _clip_level(a[redo], alpha, n)[0]
-    t = t.clamp_(min=0)
+    t = a.amax(dim=-1, keepdim=True) - alpha
+    count_prev = None
+    for _ in range(v.shape[-1] + 1):  # the active set only shrinks, so this bound is never reached
+        active = a > t
+        count = active.sum(dim=-1, keepdim=True)
+        if count_prev is not None and torch.equal(count, count_prev):
+            break
+        total = torch.where(active, a, 0.0).sum(dim=-1, keepdim=True)
+        t = torch.where(count > 0, (total - alpha) / count.clamp(min=1), t)
+        count_prev = count
+    t = t.clamp(min=0)
     return torch.minimum(torch.maximum(v, -t), t)
 
 

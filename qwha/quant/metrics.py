@@ -91,11 +91,14 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def dequantized_weight(qlinear: nn.Module) -> torch.Tensor:
-    """``W_Q`` ``[d_out, d_in]`` float32 of a GPTQModel quantized linear (``dequantize_weight`` is
-    ``[d_in, d_out]``)."""
-    w = qlinear.dequantize_weight().float()
+    """``W_Q`` ``[d_out, d_in]`` float32 of a GPTQModel quantized linear.
+
+    GPTQModel's ``dequantize_weight()`` returns the transpose, ``[d_in, d_out]`` (also for square
+    layers, so the shape cannot tell).
+    """
+    w = qlinear.dequantize_weight().float().T
     if w.shape != (qlinear.out_features, qlinear.in_features):
-        w = w.T
+        raise ValueError(f"unexpected dequantized shape {tuple(w.shape)} for {qlinear}")
     return w.contiguous()
 
 

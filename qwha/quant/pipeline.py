@@ -213,7 +213,8 @@ def load_quantized(
     """Load a :func:`quantize_model` artifact as a transformers ``PreTrainedModel`` in eval mode.
 
     Quantized projections come back as GPTQModel ``TorchLinear`` modules (``qweight/qzeros/scales``;
-    ``dequantize_weight()`` gives ``W_Q``) with either loader:
+    ``dequantize_weight()`` gives ``W_Q``) with either loader, both asking GPTQModel for its torch
+    kernel:
     - ``"transformers"``: ``AutoModelForCausalLM.from_pretrained`` (transformers + optimum dispatch to
       GPTQModel), any dtype; default float32, which reproduces the stored ``W_Q`` exactly;
     - ``"gptqmodel"``: ``GPTQModel.load(..., backend=GPTQ_TORCH)``; its torch kernel accepts only float16
@@ -239,9 +240,14 @@ def load_quantized(
             str(out_dir), device=device, backend=BACKEND.GPTQ_TORCH, dtype=dtype or torch.bfloat16
         )
         return wrapped.model.eval()
-    from transformers import AutoModelForCausalLM
+    from gptqmodel import BACKEND
+    from transformers import AutoModelForCausalLM, GPTQConfig
 
+    # Without a backend, GPTQModel's auto-selection picks TorchAtenLinear for 4-bit on CPU; ask for
+    # the torch kernel (TorchLinear) so that every bit width loads as the same, trainable class.
+    saved = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    override = GPTQConfig(bits=saved["bits"], backend=BACKEND.GPTQ_TORCH.value)
     model = AutoModelForCausalLM.from_pretrained(
-        str(out_dir), dtype=dtype or torch.float32, device_map=device
+        str(out_dir), dtype=dtype or torch.float32, device_map=device, quantization_config=override
     )
     return model.eval()
