@@ -294,3 +294,26 @@ def test_bad_input_names_the_key(kwargs, key):
     method, xtx, budget = args.pop("method"), args.pop("xtx"), args.pop("budget")
     with pytest.raises(ValueError, match=f"^{key}"):
         initialize(method, t64(d), xtx, budget, **args)
+
+
+def test_refine_correct_after_explicit_thread_setting():
+    """torch 2.13 CPU: batched LU is wrong after `torch.set_num_threads(2)`; the refinement must not be."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, torch
+torch.set_num_threads(2)
+from qwha.init.refine import refine_values
+rng = np.random.default_rng(0)
+d, n, k = 300, 16, 235  # the LU failure shows on blocks of this size, not on tiny ones
+a = rng.standard_normal((d, 2 * d)); m = a @ a.T / d + np.eye(d)
+y = rng.standard_normal((n, d))
+cols = np.sort(np.stack([rng.permutation(d)[:k] for _ in range(n)]), axis=1)
+idx = torch.tensor([[i, j] for i in range(n) for j in cols[i]])
+got = refine_values(torch.tensor(m), torch.tensor(y), idx).numpy().reshape(n, k)
+want = np.stack([np.linalg.solve(m[np.ix_(c, c)], y[i, c]) for i, c in enumerate(cols)])
+assert np.allclose(got, want, rtol=1e-9, atol=1e-12), np.abs(got - want).max()
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

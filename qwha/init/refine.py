@@ -9,9 +9,12 @@ so neither `R` nor `B` is formed. `M` is symmetric positive definite (`G_d ⪰ �
 block too, with condition number at most `cond(G_d) ≤ (λ_max(G) + λ)/λ`; everything is float64.
 
 Rows are grouped by their support size `k`; each group is one batched Cholesky solve on
-`[n_rows, k, k]` blocks gathered from `M` (chunked to bound memory). A block whose Cholesky fails
-(should not happen with the damping) is solved by `torch.linalg.lstsq` instead. The Python loop runs
-over the distinct sizes and memory chunks, not over rows.
+`[n_rows, k, k]` blocks gathered from `M` (chunked to bound memory). Not LU: with torch 2.13 on CPU
+(MKL), batched `torch.linalg.solve` / `lu_factor_ex` return zero pivots -- silently, `info = 0` --
+once the process has called `torch.set_num_threads(n > 1)` (see `experiments/results/init.md`);
+batched Cholesky is correct in every thread setting. A block whose Cholesky fails (should not
+happen with the damping) is solved by `torch.linalg.lstsq` instead. The Python loop runs over the
+distinct sizes and memory chunks, not over rows.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def refine_values(normal: Tensor, rhs: Tensor, indices: Tensor) -> Tensor:
     d_out = rhs.shape[0]
     counts, starts = row_segments(indices, d_out)
     cols = indices[:, 1]
+    d_in = normal.shape[0]
+    flat_normal = normal.reshape(-1)
+    idx_dtype = torch.int32 if d_in * d_in < 2**31 else torch.int64
     values = torch.empty(indices.shape[0], dtype=rhs.dtype, device=rhs.device)
     for k in torch.unique(counts[counts > 0]).tolist():
         rows_k = torch.nonzero(counts == k).flatten()
@@ -61,7 +67,11 @@ def refine_values(normal: Tensor, rhs: Tensor, indices: Tensor) -> Tensor:
             rows = rows_k[lo : lo + step]
             pos = starts[rows].unsqueeze(1) + torch.arange(k, device=rhs.device)  # [n, k]
             c = cols[pos]
-            blocks = normal[c.unsqueeze(2), c.unsqueeze(1)]  # [n, k, k]
+            # M[c_a, c_b] for all pairs of the row's columns, via one flat index_select (faster
+            # than 2-D advanced indexing; int32 offsets halve the index traffic when they fit)
+            c_idx = c.to(idx_dtype)
+            flat = (c_idx.unsqueeze(2) * d_in + c_idx.unsqueeze(1)).reshape(-1)
+            blocks = flat_normal.index_select(0, flat).view(-1, k, k)  # [n, k, k]
             b = rhs[rows.unsqueeze(1), c].unsqueeze(2)  # [n, k, 1]
             chol, info = torch.linalg.cholesky_ex(blocks)
             sol = torch.cholesky_solve(b, chol)
