@@ -113,6 +113,39 @@ def loop_on_normal(delta, xtx, budget, h):
     return torch.cat(idx_rows), torch.cat(vals_rows), (normal, rhs, coeffs, counts), stage
 
 
+def batched_breakdown(delta, xtx, budget, h) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """The steps of `initialize("adaalloc", ...)`, timed one by one (same functions, same order)."""
+    from qwha.init.refine import refine_values
+
+    times = {}
+    t0 = time.perf_counter()
+
+    def tick(name):
+        nonlocal t0
+        now = time.perf_counter()
+        times[name] = now - t0
+        t0 = now
+
+    op = RightTransform.from_matrix(h)
+    tick("kronecker detection")
+    gd, lam = damped_gram(xtx)
+    tick("damping (+ Cholesky check)")
+    coeffs = op.forward(delta)
+    tick("coeffs = ΔW_Q·H")
+    normal = op.congruence(gd)
+    tick("M = Hᵀ G_d H")
+    rhs = coeffs @ normal
+    tick("Y = coeffs·M (GEMM)")
+    imp = channel_importance(delta, "activation", damped_products=(coeffs, rhs, lam))
+    counts = adaalloc(imp, budget, delta.shape[1])
+    tick("AdaAlloc")
+    idx = select_per_channel(coefficient_scores(coeffs, "magnitude"), counts)
+    tick("selection (top-k per row)")
+    vals = refine_values(normal, rhs, idx)
+    tick("refinement (batched Cholesky)")
+    return times, idx, vals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d-out", type=int, default=3072)
@@ -120,6 +153,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64, help="budget p = rank·(d_in + d_out)")
     ap.add_argument("--tokens", type=int, default=2048, help="activation vectors in the synthetic Gram")
     ap.add_argument("--skip-loop", action="store_true", help="skip the (slow) plain loop reference")
+    ap.add_argument("--breakdown", action="store_true", help="also time the batched path step by step")
     args = ap.parse_args()
     d_out, d_in = args.d_out, args.d_in
     budget = args.rank * (d_in + d_out)
@@ -142,6 +176,15 @@ def main() -> None:
     out = initialize("adaalloc", delta, xtx, budget, transform=h)
     t_batched = time.perf_counter() - t0
     print(f"batched   (qwha.init.initialize)          {t_batched:8.2f} s")
+
+    if args.breakdown:
+        times, idx_s, val_s = batched_breakdown(delta, xtx, budget, h)
+        for name, sec in times.items():
+            print(f"    {name:32s} {sec:8.2f} s")
+        print(
+            f"    (sum {sum(times.values()):.2f} s; same output as initialize(): "
+            f"{torch.equal(idx_s, out['indices']) and torch.equal(val_s, out['values'])})"
+        )
 
     t0 = time.perf_counter()
     idx_m, val_m, (normal, rhs, coeffs, counts), stage_loop = loop_on_normal(delta, xtx, budget, h)

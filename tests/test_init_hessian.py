@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qwha.init import calibration_grams
+from qwha.init.hessian import plan_gram_passes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -82,3 +83,14 @@ def test_bad_input(tiny_llama):
         calibration_grams(tiny_llama, calib.float(), TARGETS)
     with pytest.raises(ValueError, match="^modules"):
         calibration_grams(tiny_llama, calib, TARGETS, modules=["lm_head"])
+
+
+def test_plan_gram_passes(tiny_llama):
+    # hidden 32 -> 8·32² = 8192 bytes; intermediate 48 -> 18432 bytes (down_proj)
+    groups = plan_gram_passes(tiny_llama, TARGETS, max_bytes=3 * 8192)
+    flat = [n for g in groups for n in g]
+    assert flat == [n for n, _ in tiny_llama.named_modules() if n.split(".")[-1] in TARGETS]
+    sizes = {n: 8 * m.in_features**2 for n, m in tiny_llama.named_modules() if n in flat}
+    assert all(sum(sizes[n] for n in g) <= 3 * 8192 or len(g) == 1 for g in groups)
+    assert groups[0] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert len(plan_gram_passes(tiny_llama, TARGETS, max_bytes=10**9)) == 1

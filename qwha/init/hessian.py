@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["damped_gram", "gram_factor", "calibration_grams", "select_target_modules"]
+__all__ = ["damped_gram", "gram_factor", "calibration_grams", "plan_gram_passes", "select_target_modules"]
 
 DEFAULT_REL_DAMP = 1e-4
 
@@ -220,3 +220,24 @@ def calibration_grams(
     if missing:
         raise RuntimeError(f"calibration_grams: no input reached {missing[:3]}...")
     return dict(acc.grams)
+
+
+def plan_gram_passes(model: nn.Module, target_modules: Iterable[str], max_bytes: int) -> list[list[str]]:
+    """Split the target modules, in model order, into groups whose Grams fit in `max_bytes`.
+
+    Each group is one `calibration_grams(..., modules=group)` pass over the calibration data.
+    The estimate counts `8·d_in²` bytes per module (no sharing assumed, so it is an upper bound;
+    q/k/v actually share one Gram). A single module larger than `max_bytes` gets a group of its own.
+    """
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes: must be > 0, got {max_bytes}")
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, module in select_target_modules(model, target_modules).items():
+        size = 8 * int(module.in_features) ** 2
+        if groups[-1] and used + size > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
