@@ -1,0 +1,35 @@
+"""`qwha.init.initialize_layer` with the project's own WHT (needs `qwha.transforms`, adapters branch)."""
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from qwha.init import initialize_layer, output_error
+
+
+def test_initialize_layer_with_wht_matches_scipy_hadamard():
+    from qwha.transforms import transform_matrix  # adapters module; the lead merges it before this branch
+
+    rng = np.random.default_rng(0)
+    d_out, d_in = 24, 32
+    d = torch.tensor(rng.standard_normal((d_out, d_in)) * 0.02)
+    x = torch.tensor(rng.standard_normal((d_in, 80)))
+    g = x @ x.T
+    h = torch.tensor(scipy.linalg.hadamard(d_in) / np.sqrt(d_in))
+    assert torch.allclose(transform_matrix("wht", d_in, dtype=torch.float64), h, atol=1e-12)
+
+    budget = 4 * (d_in + d_out)
+    idx, vals = initialize_layer(d, g, budget)
+    assert idx.dtype == torch.int64 and idx.shape == (budget, 2) and vals.shape == (budget,)
+    ref_idx, ref_vals = initialize_layer(d, g, budget, transform=h)
+    assert torch.equal(idx, ref_idx) and torch.allclose(vals, ref_vals, atol=1e-12)
+    # the unscaled update is scatter(values, indices) · H⁻¹ and it lowers the output error
+    f = torch.zeros(d_out, d_in, dtype=torch.float64)
+    f[idx[:, 0], idx[:, 1]] = vals
+    upd = f @ h.T
+    assert output_error(d, upd, g) < 0.9 * output_error(d, torch.zeros_like(d), g)
+    # at full budget it is ΔW_Q itself
+    idx, vals = initialize_layer(d, g, d_out * d_in)
+    f = torch.zeros(d_out, d_in, dtype=torch.float64)
+    f[idx[:, 0], idx[:, 1]] = vals
+    assert torch.allclose(f @ h.T, d, atol=1e-10)
