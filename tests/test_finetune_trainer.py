@@ -14,6 +14,7 @@ from qwha.finetune import TrainConfig, train
 from qwha.finetune import checkpoint as ckpt
 from qwha.finetune.schedule import build_scheduler, lr_factor, warmup_steps
 from qwha.finetune.toy import copy_task, tiny_llama, trainable_state
+from qwha.finetune.toy import tiny_llama_partly_trainable as few_trainable
 
 
 @pytest.fixture(autouse=True)
@@ -39,14 +40,6 @@ def cfg(**kw) -> dict:
         wandb={"mode": "disabled"},
     )
     return {**base, **kw}
-
-
-def few_trainable(seed: int = 0):
-    """Tiny Llama without PEFT; q_proj and down_proj weights trainable (frozen and trainable mixed)."""
-    model = tiny_llama(seed, lora_rank=None)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith(("q_proj.weight", "down_proj.weight")))
-    return model
 
 
 def hf_mean_loss(model, data) -> float:

@@ -6,6 +6,7 @@ FSDP2 (``fully_shard``). A plain ``python`` run is world size 1 and touches none
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    created_group: bool  # whether we called init_process_group (and so destroy it at the end)
+    created_group: bool  # whether we called init_process_group (destroyed at the process's exit)
 
     @property
     def is_main(self) -> bool:
@@ -65,6 +66,9 @@ def setup(device: str | torch.device | None) -> DistEnv:
         else:
             dist.init_process_group("gloo")
         created = True
+        # Destroyed at exit, not after train(): re-creating the default group in the same process (a
+        # second train() call) hangs in torchrun's rendezvous store, so later calls reuse this one.
+        atexit.register(_destroy)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, created)
 
 
@@ -81,6 +85,10 @@ def barrier(env: DistEnv) -> None:
 
 
 def teardown(env: DistEnv) -> None:
-    if env.created_group and dist.is_initialized():
-        dist.barrier()
+    """End of a successful run: wait for every rank (rank 0 may still be writing the last checkpoint)."""
+    barrier(env)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()

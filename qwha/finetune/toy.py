@@ -46,6 +46,16 @@ def tiny_llama(seed: int = 0, vocab_size: int = 64, lora_rank: int | None = 4) -
     return get_peft_model(model, lora)
 
 
+def tiny_llama_partly_trainable(
+    seed: int = 0, trainable: tuple[str, ...] = ("q_proj.weight", "down_proj.weight")
+) -> nn.Module:
+    """``tiny_llama`` without PEFT, only the weights whose names end with ``trainable`` left trainable."""
+    model = tiny_llama(seed, lora_rank=None)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(trainable))
+    return model
+
+
 def copy_task(
     n: int, seed: int = 0, vocab_size: int = 64, min_len: int = 3, max_len: int = 10
 ) -> list[dict[str, list[int]]]:

@@ -91,28 +91,12 @@ def train(
     """
     cfg = TrainConfig.from_mapping(cfg_train)
     env = setup(device)
-    ok = False
-    try:
-        result = _Trainer(
-            model,
-            tokenizer,
-            train_set,
-            cfg,
-            Path(out_dir),
-            seed,
-            env,
-            run_name,
-            config_to_log,
-            checkpoint_dir,
-            on_step,
-        ).run()
-        ok = True
-        return result
-    finally:
-        if ok:
-            teardown(env)
-        elif env.created_group:  # a failed rank must not wait in a barrier for the others
-            torch.distributed.destroy_process_group()
+    # The process group (if this call created it) lives until the process exits; a later call reuses it.
+    # On an exception no barrier is entered (a failed rank must not wait for the others).
+    args = (model, tokenizer, train_set, cfg, Path(out_dir), seed, env, run_name, config_to_log)
+    result = _Trainer(*args, checkpoint_dir, on_step).run()
+    teardown(env)
+    return result
 
 
 class _Trainer:
@@ -308,10 +292,12 @@ class _Trainer:
     def run(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
         torch.manual_seed(self.seed)
-        self._name_of = {id(p): k for k, p in self.params}
         self._epoch, self._order = -1, []
         n_trainable = sum(_full_numel(p) for _, p in self.params)
         wrapped = self._prepare_model()
+        # FSDP replaces the parameters by sharded ones (same names): take them again after wrapping.
+        self.params = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
+        self._name_of = {id(p): k for k, p in self.params}
         opt = self._optimizer()
         sched = build_scheduler(opt, self.total_steps, cfg.warmup_ratio, cfg.scheduler)
 
