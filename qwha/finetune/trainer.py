@@ -8,8 +8,9 @@ gradient), and no extra dependency (accelerate) in the hot path.
 
 Per optimizer step ``s`` (0-based): epoch ``e = s // S``, position ``s % S`` where ``S`` steps make one
 epoch. The order of an epoch is ``DistributedSampler(shuffle=True, seed, drop_last=True)`` at epoch ``e``;
-rank ``r`` takes its next ``micro x accum`` indices. The union over ranks of one step's examples is the
-same contiguous slice of the epoch's permutation whatever the number of processes.
+rank ``r`` takes its next ``micro x accum`` indices (sorted by length, then cut into micro-batches). The
+union over ranks of one step's examples is the same contiguous slice of the epoch's permutation whatever
+the number of processes.
 
 The gradient of a step is that of ``sum(token losses) / (supervised tokens in the global batch)``; under
 DDP each micro-batch's summed loss is scaled by ``world / N`` (DDP averages gradients over processes).
@@ -285,6 +286,10 @@ class _Trainer:
         if self._epoch != epoch:
             self._order, self._epoch = self._epoch_indices(epoch), epoch
         idx = self._order[pos * self.local_batch : (pos + 1) * self.local_batch]
+        # The step's gradient is a sum over its examples, so their order is free: sorting them by length
+        # before cutting micro-batches removes most padding (packaged GSM8K, 64 per step, micro-batch 4:
+        # 26% of the tokens were padding in random order, 3% sorted) at no cost to the result.
+        idx = sorted(idx, key=lambda i: len(self.train_set[i]["input_ids"]))
         m = self.cfg.micro_batch_size
         return [self.collate([self.train_set[i] for i in idx[j : j + m]]) for j in range(0, len(idx), m)]
 
