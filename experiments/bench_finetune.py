@@ -1,0 +1,155 @@
+"""Fine-tuning cost per adapter on SmolLM2-135M: step time, tokens/s, peak memory (one run, ratios vs LoRA).
+
+Each adapter runs in its own subprocess (peak memory on CPU is the process's max RSS, which never goes
+down), through the real ``qwha.finetune.train`` on packaged GSM8K-style data, rank 64 on the seven
+projections. The first optimizer step is excluded from the timings (allocation, lazy kernel set-up).
+
+    PYTHONPATH=. python experiments/bench_finetune.py --adapters lora,cloq,qwha,dct2d --steps 4
+
+Adapters: ``lora`` (PEFT LoRA, B = 0), ``cloq`` (the same PEFT LoRA layers with non-zero A and B: the
+cost of a step does not depend on how CLoQ computed them), ``qwha`` (WHA: WHT along d_in, 1-D) and
+``dct2d`` (the 2-D DCT ablation); the last two need ``qwha.adapters.attach_adapter``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ADAPTERS = ("lora", "cloq", "qwha", "dct2d", "qwha-fused", "qwha-delta", "qwha-sparse")
+
+
+def load_model(model_dir: str | None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_dir:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        return model, tok
+    from qwha.data.packaged import smollm2_gguf
+
+    g = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
+    model = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    return model, tok
+
+
+def attach(model, adapter: str, rank: int):
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if adapter in ("lora", "cloq"):
+        from peft import LoraConfig, get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        cfg = LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            lora_dropout=0.0,
+            target_modules=targets,
+            init_lora_weights=adapter == "lora",
+        )
+        return get_peft_model(model, cfg)
+    from qwha.adapters import attach_adapter  # the adapters engineer's module
+
+    kw = {"qwha": {}, "dct2d": {"transform": "dct", "dims": 2}}.get(adapter, {})
+    if adapter.startswith("qwha-"):
+        kw = {"compute": adapter.split("-", 1)[1]}
+    return attach_adapter(model, method="wha", rank=rank, target_modules=targets, **kw)
+
+
+def one(args) -> dict:
+    import torch
+
+    from qwha.data.sft import build_or_load_tokenized
+    from qwha.finetune import train
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model_dir)
+    model = attach(model, args.adapter, args.rank)
+    data = build_or_load_tokenized(
+        args.data_cache, tok, format="gsm8k", source="packaged", size=args.examples, seed=0,
+        max_length=args.max_length, mask_prompt=True,
+    )  # fmt: skip
+    cfg = dict(
+        lr=1e-4,
+        max_steps=args.steps + 1,
+        micro_batch_size=args.micro_batch,
+        effective_batch=args.micro_batch * args.accum,
+        warmup_ratio=0.0,
+        save_every=0,
+        grad_checkpointing=args.grad_checkpointing,
+        wandb={"mode": "disabled"},
+    )
+    with tempfile.TemporaryDirectory() as d:
+        m = train(model, tok, data, cfg, Path(d), seed=0, device="cpu")
+    return {k: m[k] for k in ("trainable_params", "step_time_s", "tokens_per_s", "peak_mem_mb", "first_loss")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--adapters", default="lora,cloq,qwha,dct2d")
+    ap.add_argument("--adapter", help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=4, help="timed optimizer steps (plus one warm-up)")
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument(
+        "--model-dir", help="a transformers folder of SmolLM2 (default: convert the packaged GGUF)"
+    )
+    ap.add_argument("--data-cache", default=str(Path(tempfile.gettempdir()) / "qwha-bench-sft"))
+    args = ap.parse_args()
+    if args.adapter:  # child process: one adapter, JSON on the last line
+        print(json.dumps(one(args)))
+        return
+
+    rows = {}
+    for adapter in args.adapters.split(","):
+        if adapter not in ADAPTERS:
+            raise SystemExit(f"--adapters: {adapter!r} is unknown: allowed values are {', '.join(ADAPTERS)}")
+        cmd = [sys.executable, __file__, "--adapter", adapter, "--rank", str(args.rank), "--steps", str(args.steps),
+               "--micro-batch", str(args.micro_batch), "--accum", str(args.accum), "--max-length",
+               str(args.max_length), "--examples", str(args.examples), "--threads", str(args.threads),
+               "--data-cache", args.data_cache]  # fmt: skip
+        cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
+        cmd += ["--model-dir", args.model_dir] if args.model_dir else []
+        t0 = time.time()
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
+        if proc.returncode != 0:
+            print(f"{adapter}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows[adapter] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{adapter}: {rows[adapter]} ({time.time() - t0:.0f} s)", file=sys.stderr)
+
+    load = os.getloadavg()[0]
+    print(f"\n# {platform.machine()}, {os.cpu_count()} cores, threads={args.threads}, "
+          f"load avg {load:.1f}; micro-batch {args.micro_batch} x accum {args.accum}, max_length "
+          f"{args.max_length}, rank {args.rank}, {args.steps} timed steps\n")  # fmt: skip
+    print("| adapter | trainable params | step time (s) | tokens/s | peak RSS (MiB) | step time / LoRA |")
+    print("|---|---:|---:|---:|---:|---:|")
+    ref = rows.get("lora")
+    for name, r in rows.items():
+        ratio = f"{r['step_time_s'] / ref['step_time_s']:.2f}" if ref else "n/a"
+        print(f"| {name} | {r['trainable_params']:,} | {r['step_time_s']:.2f} | {r['tokens_per_s']:.0f} | "
+              f"{r['peak_mem_mb']:.0f} | {ratio} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
