@@ -17,9 +17,11 @@ Rows, for the same budget ``p = r·(d_in + d_out)`` (r = 64, a rank-64 LoRA's pa
 * ``wha-delta``   WHA, weight side split: ``base(x) + x·ΔWᵀ`` (the path used with dropout);
 * ``dct2d``       the 2-D DCT adapter (``ΔW = s·C_out·F·C_inᵀ``, dense DCT matrices), weight side.
 
-Reported per row: median milliseconds per step, the bytes autograd saves for backward (measured
-with saved-tensor hooks, every device) and, on CUDA, the peak allocated memory during the step above
-what was allocated before it. Ratios: WHA/LoRA for each WHA row, and DCT-2D/WHA (default compute).
+Reported per row: median wall milliseconds per step and the process CPU time (steadier than wall
+time on a CPU shared with other jobs; the summary table uses it on CPU, see ``--ratio-clock``), the
+bytes autograd saves for backward (measured with saved-tensor hooks, every device) and, on CUDA,
+the peak allocated memory during the step above what was allocated before it.
+Ratios: WHA/LoRA for each WHA row, and DCT-2D/WHA (default compute).
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def measure(module: nn.Module, params, x: torch.Tensor, g: torch.Tensor, warmup:
         step()
     for _ in range(max(0, warmup - 1)):
         step()
-    times = []
+    times, cpu_times = [], []
     peak = None
     if cuda:
         torch.cuda.synchronize()
@@ -142,14 +144,20 @@ def measure(module: nn.Module, params, x: torch.Tensor, g: torch.Tensor, warmup:
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    return {"ms": 1e3 * statistics.median(times), "saved_mb": saved[0] / 2**20, "peak_mb": peak}
+    return {
+        "ms": 1e3 * statistics.median(times),
+        "cpu_ms": 1e3 * statistics.median(cpu_times),
+        "saved_mb": saved[0] / 2**20,
+        "peak_mb": peak,
+    }
 
 
 def bench_fwht(device: str, dtype: torch.dtype, repeats: int) -> list[dict]:
@@ -198,6 +206,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--fwht", action="store_true", help="also time the FWHT alone (torch vs Triton)")
     ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument(
+        "--ratio-clock",
+        choices=("wall", "cpu"),
+        help="clock of the summary table: wall (default on CUDA) or process CPU time (default on CPU)",
+    )
     args = ap.parse_args(argv)
 
     cuda = args.device.startswith("cuda")
@@ -239,26 +252,29 @@ def main(argv=None) -> int:
                 peak = "" if r["peak_mb"] is None else f"  peak {r['peak_mb']:8.1f} MB"
                 print(
                     f"{r['shape']:>10} {n_tok:>6} {row:<10} {r['ms']:10.2f} ms"
-                    f"  saved {r['saved_mb']:8.1f} MB{peak}  params {r['params']}",
+                    f"  (process CPU {r['cpu_ms']:9.1f} ms)  saved {r['saved_mb']:8.1f} MB{peak}"
+                    f"  params {r['params']}",
                     flush=True,
                 )
                 del module, params
                 if cuda:
                     torch.cuda.empty_cache()
 
+    clock = {"wall": "ms", "cpu": "cpu_ms"}[args.ratio_clock or ("wall" if cuda else "cpu")]
+    print(f"\nsummary clock: {'wall' if clock == 'ms' else 'process CPU'} time (ms per step)")
     print(
         "\n| shape | tokens | "
-        + " | ".join(f"{r} ms" for r in args.rows)
-        + " | WHA/LoRA (fused, sparse, delta) | DCT-2D/WHA |"
+        + " | ".join(args.rows)
+        + " | WHA/LoRA (auto; fused, sparse, delta) | DCT-2D/WHA |"
     )
     print("|---|---|" + "---|" * (len(args.rows) + 2))
     for d_out, d_in in shapes:
         for n_tok in tokens:
             by = {r["row"]: r for r in results if r["shape"] == f"{d_out}x{d_in}" and r["tokens"] == n_tok}
-            cells = [f"{by[r]['ms']:.2f}" if r in by else "-" for r in args.rows]
+            cells = [f"{by[r][clock]:.2f}" if r in by else "-" for r in args.rows]
 
             def ratio(a, b, by=by):
-                return f"{by[a]['ms'] / by[b]['ms']:.2f}" if a in by and b in by else "-"
+                return f"{by[a][clock] / by[b][clock]:.2f}" if a in by and b in by else "-"
 
             wl = (
                 ratio("wha", "lora")

@@ -103,6 +103,24 @@ def test_fused_gradient_both_orders(transform, dims, tokens):
     check_layer_against_dense(layer, base.weight.detach(), base.bias.detach(), transform, dims, 5, tokens)
 
 
+@pytest.mark.parametrize("dims", [1, 2])
+def test_inference_path_equals_dense_and_follows_updates(dims):
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20, dtype=torch.float64)
+    layer = WHALinear(base, 30, dims=dims, transform="dht")
+    assert layer.resolved_compute(needs_grad=False) == ("sparse" if dims == 1 else "delta")
+    x = torch.randn(3, 24, dtype=torch.float64)
+    for seed in (1, 2):  # a second set_sparse must not reuse a cached ΔW
+        idx, vals = random_sparse(20, 24, 30, seed)
+        layer.set_sparse(idx, vals)
+        with torch.no_grad():
+            y = layer(x)
+        y_ref, _, _ = dense_reference(
+            base.weight, base.bias, idx, vals, "dht", dims, layer.scale, x, torch.zeros(3, 20)
+        )
+        assert torch.allclose(y, y_ref, atol=1e-10)
+
+
 def test_dropout_path_is_split_and_exact_in_eval():
     torch.manual_seed(0)
     base = nn.Linear(16, 12, dtype=torch.float64)

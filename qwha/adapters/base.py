@@ -9,6 +9,7 @@ rotation, SpinQuant/QuaRot) can still carry an adapter computed beside their own
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -27,11 +28,10 @@ __all__ = [
 
 
 def _quant_linear_cls() -> type | None:
-    try:
-        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-    except Exception:  # gptqmodel missing or failing to import: nothing is a quantized linear then
-        return None
-    return BaseQuantLinear
+    # A GPTQModel layer can only exist once GPTQModel is imported; not importing it here keeps plain
+    # float models free of its ~10 s import.
+    module = sys.modules.get("gptqmodel.nn_modules.qlinear")
+    return getattr(module, "BaseQuantLinear", None)
 
 
 def is_quantized_linear(module: nn.Module) -> bool:

@@ -392,24 +392,41 @@ class WHALinear(nn.Module):
             st["crow_t"], st["col_t"], values[st["order_t"]], (self.in_features, self.out_features)
         )
 
-    def resolved_compute(self) -> str:
-        """The computation ``forward`` uses; ``"auto"`` follows :data:`AUTO_COMPUTE` by device."""
+    def resolved_compute(self, needs_grad: bool = True) -> str:
+        """The computation ``forward`` uses; ``"auto"`` follows :data:`AUTO_COMPUTE` by device when
+        gradients are needed, and the per-token-cheap paths when not (no ``d_out × d_in`` work per
+        call in generation: activation side, or a cached ``ΔW`` for ``dims=2``)."""
         if self.compute != "auto":
             return self.compute
+        if not needs_grad:
+            return "sparse" if self.dims == 1 else "delta"
         fusable = isinstance(self.dropout, nn.Identity) and has_dense_weight(self.base_layer)
         preferred = AUTO_COMPUTE.get(self.wha_c.device.type, "fused")
         if self.dims == 1 and (preferred == "sparse" or not fusable):
             return "sparse"
         return "fused" if fusable else "delta"
 
+    def _inference_delta(self, dtype: torch.dtype) -> torch.Tensor:
+        """``ΔW`` in ``dtype``, cached while ``c`` and ``E`` are unchanged (no-grad calls only)."""
+        c, idx = self.wha_c, self.wha_indices
+        key = (c.data_ptr(), c._version, idx.data_ptr(), idx._version, dtype, c.device)
+        cached = self.__dict__.get("_delta_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.delta_weight().to(dtype))
+            self.__dict__["_delta_cache"] = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self.resolved_compute()
+        needs_grad = torch.is_grad_enabled() and (self.wha_c.requires_grad or x.requires_grad)
+        mode = self.resolved_compute(needs_grad)
         if mode == "fused":
             return _FusedWeightSide.apply(x, self.wha_c, self)
         y = self.base_layer(x)
         xa = self.dropout(x)
         if mode == "delta":
-            return y + F.linear(xa.to(y.dtype), self.delta_weight().to(y.dtype))
+            delta = self.delta_weight().to(y.dtype) if needs_grad else self._inference_delta(y.dtype)
+            return y + F.linear(xa.to(y.dtype), delta)
         xt = apply_transform(xa, self.transform, dim=-1)
         delta = _SparseActivationSide.apply(xt.reshape(-1, self.in_features), self.wha_c, self)
         return y + delta.reshape(*x.shape[:-1], self.out_features).to(y.dtype)

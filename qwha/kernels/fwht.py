@@ -29,9 +29,14 @@ except ImportError:  # pragma: no cover - triton is in the project's dependencie
     _HAVE_TRITON = False
 
 
+# Triton decides between compiled and interpreted kernels when the decorators below run, so what
+# counts is the setting at import time.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreted() -> bool:
-    """Whether Triton runs in interpreter mode (kernels execute on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether this module's kernels were built for Triton's interpreter (they run on CPU tensors)."""
+    return _INTERPRETED
 
 
 def available() -> bool:
