@@ -136,6 +136,13 @@ class StageCache:
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    def work_dir(self, stage: str, key: str) -> Path:
+        """A stable scratch folder for a stage's resumable state (checkpoints), removed once the artifact
+        is published. Never read as an artifact."""
+        path = self.root / stage / f".work-{key}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def lookup(self, stage: str, key: str, *, verify: bool = True) -> Artifact | None:
         """The complete, intact artifact for (stage, key), or None (a miss).
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -47,16 +51,43 @@ def materialize(
     mod = get_stage(name)
     inputs = {up: materialize(up, cfg, cache, force=force, done=done) for up in mod.upstream(cfg)}
     key, slice_ = stage_key(name, cfg, {up: a.key for up, a in inputs.items()})
+    resumable = getattr(mod, "RESUMABLE", False)
+
+    def build(out):
+        if resumable:  # checkpoints survive a killed run in a stable folder keyed like the artifact
+            return mod.run(cfg, out, inputs, work=cache.work_dir(name, key))
+        return mod.run(cfg, out, inputs)
+
+    if not is_main_process():
+        return _follower(name, key, cache, build)
     artifact, hit = cache.get_or_build(
-        name,
-        key,
-        lambda out: mod.run(cfg, out, inputs),
-        config=slice_,
-        upstream={up: a.key for up, a in inputs.items()},
-        force=name in force,
+        name, key, build, config=slice_, upstream={up: a.key for up, a in inputs.items()}, force=name in force
     )
+    if resumable and not hit:
+        shutil.rmtree(cache.path(name, key).parent / f".work-{key}", ignore_errors=True)
     done[name] = (artifact, hit)
     return artifact
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or a plain single process): the only process that publishes artifacts."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _follower(name: str, key: str, cache: StageCache, build) -> Artifact:
+    """A non-zero rank under torchrun: upstream artifacts must exist; the distributed stage itself runs
+    (the trainer synchronises with rank 0) into a private folder that is thrown away."""
+    found = cache.lookup(name, key, verify=False)
+    if found is not None:
+        return found
+    if name != "finetune":
+        raise RuntimeError(
+            f"stage {name!r} is not cached; under torchrun only `finetune` runs distributed: run "
+            "`python -m qwha stage=init ...` in one process first"
+        )
+    with tempfile.TemporaryDirectory(prefix=f"qwha-rank{os.environ.get('RANK')}-") as tmp:
+        build(Path(tmp))
+    return Artifact(name, key, cache.path(name, key))
 
 
 def plan(name: str, cfg: DictConfig, cache: StageCache, rows: dict | None = None) -> dict[str, dict]:

@@ -94,7 +94,7 @@ class _Recorder:
             monkeypatch.setattr(mod, "run", self._make(name))
 
     def _make(self, name):
-        def run(cfg, out: Path, inputs: dict) -> dict:
+        def run(cfg, out: Path, inputs: dict, **kwargs) -> dict:
             self.calls.append(name)
             (out / "payload.json").write_text(json.dumps({"stage": name, "inputs": sorted(inputs)}))
             return {"value": len(self.calls)}

