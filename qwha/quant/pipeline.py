@@ -239,7 +239,7 @@ def load_quantized(
         wrapped = GPTQModel.load(
             str(out_dir), device=device, backend=BACKEND.GPTQ_TORCH, dtype=dtype or torch.bfloat16
         )
-        return wrapped.model.eval()
+        return eager_dequantize(wrapped.model).eval()
     from gptqmodel import BACKEND
     from transformers import AutoModelForCausalLM, GPTQConfig
 
@@ -250,4 +250,17 @@ def load_quantized(
     model = AutoModelForCausalLM.from_pretrained(
         str(out_dir), dtype=dtype or torch.float32, device_map=device, quantization_config=override
     )
-    return model.eval()
+    return eager_dequantize(model).eval()
+
+
+def eager_dequantize(model: nn.Module) -> nn.Module:
+    """Undo GPTQModel's ``torch.compile`` of ``TorchLinear.dequantize_weight`` (set in ``post_init``).
+
+    Its guards key on each layer's cached zero-point state, so a model with hundreds of quantized layers
+    recompiles per layer until dynamo's recompile limit, which made a 2k-token perplexity pass take
+    minutes on CPU; the eager method computes the same values.
+    """
+    for module in model.modules():
+        if "dequantize_weight" in vars(module):  # the compiled wrapper shadows the class method
+            del module.dequantize_weight
+    return model
