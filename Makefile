@@ -14,8 +14,8 @@ PIP := $(PY) -m pip install -q
 # pip repeats a warning per package for some local index configurations; keep real errors only.
 PIPNOISE := { grep -v -E "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help install run test test-slow lint format tables table2 table3 table4 table7 table13 table14 \
-        bench device-wheels gpu-check clean-cache clean
+.PHONY: help install run test test-slow lint format tables table2 table3 table4 table5 table7 table13 table14 \
+        render clean-cache clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -56,6 +56,25 @@ lint: $(STAMP)  ## ruff check + format check
 format: $(STAMP)  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix qwha tests experiments
 	$(VENV)/bin/ruff format qwha tests experiments
+
+# Paper tables: sweep (cached runs are reused), then render beside the published numbers.
+TABLES := table2 table3 table4 table5 table13 table14
+GROUPS ?= $(if $(filter smollm2-135m,$(MODEL)),32$(comma)64,32$(comma)64$(comma)128$(comma)256)
+comma := ,
+table2 table3 table4 table5 table13: $(STAMP)  ## a paper table: MODEL=smollm2-135m|llama3.2-3b|... BUDGET=small|paper
+	$(PY) -m qwha -m experiment=$@ model=$(MODEL) budget=$(BUDGET) $(ARGS)
+	$(PY) experiments/render.py $@ --model $(MODEL)
+
+table7: table2  ## Tables 6/7 (coverage, refinement) come from the same init sweep as Table 2
+
+table14: $(STAMP)  ## Table 14 (group size); SmolLM2 sweeps GROUPS=32,64 (its 576-wide layers)
+	$(PY) -m qwha -m experiment=table14 model=$(MODEL) budget=$(BUDGET) group_size=$(GROUPS) $(ARGS)
+	$(PY) experiments/render.py table14 --model $(MODEL)
+
+tables: $(TABLES)  ## every table above
+
+render: $(STAMP)  ## re-render every table from the cache without running anything
+	$(PY) experiments/render.py all --model $(MODEL)
 
 clean-cache:  ## delete the stage cache ($$QWHA_CACHE_PATH or .cache/qwha)
 	rm -rf "$${QWHA_CACHE_PATH:-.cache/qwha}"

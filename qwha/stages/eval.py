@@ -48,6 +48,10 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
         "transform": OmegaConf.select(cfg, "adapter.transform") if e.target != "quantize" else None,
         "init": cfg.init.method if e.target != "quantize" else None,
         "rank": cfg.rank,
+        "method_name": cfg.method_name,
+        "init_refine": OmegaConf.select(cfg, "init.refine"),
+        "init_temperature": OmegaConf.select(cfg, "init.temperature"),
+        "data": cfg.data.name,
         "seed": cfg.seed,
         "upstream": {name: art.key for name, art in inputs.items()},
     }
