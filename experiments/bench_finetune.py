@@ -103,6 +103,47 @@ def one(args) -> dict:
     return {k: m[k] for k in ("trainable_params", "step_time_s", "tokens_per_s", "peak_mem_mb", "first_loss")}
 
 
+def padding_report(args) -> None:
+    """Share of padding tokens in micro-batches cut from random order vs. sorted within each step."""
+    import statistics
+
+    import torch
+
+    from qwha.data.sft import load_sft_records, tokenize_sft
+
+    tok = _tokenizer(args.model_dir) if args.model_dir else load_model(None)[1]
+    step, micro = 64, args.micro_batch
+    print(
+        "| set | tokens, median (p10-p90) | padding, random micro-batches | padding, sorted within the step |"
+    )
+    print("|---|---|---:|---:|")
+    for fmt in ("gsm8k", "alpaca"):
+        recs = load_sft_records(fmt, "packaged", size=2000, seed=0)
+        data = tokenize_sft(recs, tok, max_length=args.max_length, mask_prompt=fmt == "gsm8k")
+        lengths = [len(x["input_ids"]) for x in data]
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+        steps = [order[i : i + step] for i in range(0, len(order) - step + 1, step)]
+
+        def waste(groups, lengths=lengths):
+            padded = sum(max(lengths[i] for i in g) * len(g) for g in groups)
+            return 1 - sum(lengths[i] for g in groups for i in g) / padded
+
+        rand = [s[i : i + micro] for s in steps for i in range(0, step, micro)]
+        srt = [sorted(s, key=lambda i: lengths[i]) for s in steps]
+        srt = [s[i : i + micro] for s in srt for i in range(0, step, micro)]
+        q = statistics.quantiles(lengths, n=10)
+        print(
+            f"| {fmt} (packaged, {len(data)}) | {statistics.median(lengths):.0f} ({q[0]:.0f}-{q[-1]:.0f}) | "
+            f"{100 * waste(rand):.1f}% | {100 * waste(srt):.1f}% |"
+        )
+
+
+def _tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapters", default="lora,cloq,qwha,dct2d")
@@ -119,7 +160,11 @@ def main() -> None:
         "--model-dir", help="a transformers folder of SmolLM2 (default: convert the packaged GGUF)"
     )
     ap.add_argument("--data-cache", default=str(Path(tempfile.gettempdir()) / "qwha-bench-sft"))
+    ap.add_argument("--padding", action="store_true", help="only report padding: random vs. sorted steps")
     args = ap.parse_args()
+    if args.padding:
+        padding_report(args)
+        return
     if args.adapter:  # child process: one adapter, JSON on the last line
         print(json.dumps(one(args)))
         return
