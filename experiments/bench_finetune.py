@@ -79,9 +79,15 @@ def one(args) -> dict:
     model, tok = load_model(args.model_dir)
     model = attach(model, args.adapter, args.rank)
     data = build_or_load_tokenized(
-        args.data_cache, tok, format="gsm8k", source="packaged", size=args.examples, seed=0,
-        max_length=args.max_length, mask_prompt=True,
-    )  # fmt: skip
+        args.data_cache,
+        tok,
+        format="gsm8k",
+        source="packaged",
+        size=args.examples,
+        seed=0,
+        max_length=args.max_length,
+        mask_prompt=True,
+    )
     cfg = dict(
         lr=1e-4,
         max_steps=args.steps + 1,
@@ -95,6 +101,47 @@ def one(args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         m = train(model, tok, data, cfg, Path(d), seed=0, device="cpu")
     return {k: m[k] for k in ("trainable_params", "step_time_s", "tokens_per_s", "peak_mem_mb", "first_loss")}
+
+
+def padding_report(args) -> None:
+    """Share of padding tokens in micro-batches cut from random order vs. sorted within each step."""
+    import statistics
+
+    import torch
+
+    from qwha.data.sft import load_sft_records, tokenize_sft
+
+    tok = _tokenizer(args.model_dir) if args.model_dir else load_model(None)[1]
+    step, micro = 64, args.micro_batch
+    print(
+        "| set | tokens, median (p10-p90) | padding, random micro-batches | padding, sorted within the step |"
+    )
+    print("|---|---|---:|---:|")
+    for fmt in ("gsm8k", "alpaca"):
+        recs = load_sft_records(fmt, "packaged", size=2000, seed=0)
+        data = tokenize_sft(recs, tok, max_length=args.max_length, mask_prompt=fmt == "gsm8k")
+        lengths = [len(x["input_ids"]) for x in data]
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+        steps = [order[i : i + step] for i in range(0, len(order) - step + 1, step)]
+
+        def waste(groups, lengths=lengths):
+            padded = sum(max(lengths[i] for i in g) * len(g) for g in groups)
+            return 1 - sum(lengths[i] for g in groups for i in g) / padded
+
+        rand = [s[i : i + micro] for s in steps for i in range(0, step, micro)]
+        srt = [sorted(s, key=lambda i: lengths[i]) for s in steps]
+        srt = [s[i : i + micro] for s in srt for i in range(0, step, micro)]
+        q = statistics.quantiles(lengths, n=10)
+        print(
+            f"| {fmt} (packaged, {len(data)}) | {statistics.median(lengths):.0f} ({q[0]:.0f}-{q[-1]:.0f}) | "
+            f"{100 * waste(rand):.1f}% | {100 * waste(srt):.1f}% |"
+        )
+
+
+def _tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def main() -> None:
@@ -113,7 +160,11 @@ def main() -> None:
         "--model-dir", help="a transformers folder of SmolLM2 (default: convert the packaged GGUF)"
     )
     ap.add_argument("--data-cache", default=str(Path(tempfile.gettempdir()) / "qwha-bench-sft"))
+    ap.add_argument("--padding", action="store_true", help="only report padding: random vs. sorted steps")
     args = ap.parse_args()
+    if args.padding:
+        padding_report(args)
+        return
     if args.adapter:  # child process: one adapter, JSON on the last line
         print(json.dumps(one(args)))
         return
@@ -122,10 +173,28 @@ def main() -> None:
     for adapter in args.adapters.split(","):
         if adapter not in ADAPTERS:
             raise SystemExit(f"--adapters: {adapter!r} is unknown: allowed values are {', '.join(ADAPTERS)}")
-        cmd = [sys.executable, __file__, "--adapter", adapter, "--rank", str(args.rank), "--steps", str(args.steps),
-               "--micro-batch", str(args.micro_batch), "--accum", str(args.accum), "--max-length",
-               str(args.max_length), "--examples", str(args.examples), "--threads", str(args.threads),
-               "--data-cache", args.data_cache]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--adapter",
+            adapter,
+            "--rank",
+            str(args.rank),
+            "--steps",
+            str(args.steps),
+            "--micro-batch",
+            str(args.micro_batch),
+            "--accum",
+            str(args.accum),
+            "--max-length",
+            str(args.max_length),
+            "--examples",
+            str(args.examples),
+            "--threads",
+            str(args.threads),
+            "--data-cache",
+            args.data_cache,
+        ]
         cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
         cmd += ["--model-dir", args.model_dir] if args.model_dir else []
         t0 = time.time()
@@ -139,16 +208,20 @@ def main() -> None:
         print(f"{adapter}: {rows[adapter]} ({time.time() - t0:.0f} s)", file=sys.stderr)
 
     load = os.getloadavg()[0]
-    print(f"\n# {platform.machine()}, {os.cpu_count()} cores, threads={args.threads}, "
-          f"load avg {load:.1f}; micro-batch {args.micro_batch} x accum {args.accum}, max_length "
-          f"{args.max_length}, rank {args.rank}, {args.steps} timed steps\n")  # fmt: skip
+    print(
+        f"\n# {platform.machine()}, {os.cpu_count()} cores, threads={args.threads}, "
+        f"load avg {load:.1f}; micro-batch {args.micro_batch} x accum {args.accum}, max_length "
+        f"{args.max_length}, rank {args.rank}, {args.steps} timed steps\n"
+    )
     print("| adapter | trainable params | step time (s) | tokens/s | peak RSS (MiB) | step time / LoRA |")
     print("|---|---:|---:|---:|---:|---:|")
     ref = rows.get("lora")
     for name, r in rows.items():
         ratio = f"{r['step_time_s'] / ref['step_time_s']:.2f}" if ref else "n/a"
-        print(f"| {name} | {r['trainable_params']:,} | {r['step_time_s']:.2f} | {r['tokens_per_s']:.0f} | "
-              f"{r['peak_mem_mb']:.0f} | {ratio} |")  # fmt: skip
+        print(
+            f"| {name} | {r['trainable_params']:,} | {r['step_time_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_mem_mb']:.0f} | {ratio} |"
+        )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,16 @@ def worker(out: Path, mode: str) -> None:
 
     data, cfg = copy_task(DATA_SIZE, seed=1), run_config(mode == "fsdp")
     try:
-        train(tiny_llama_partly_trainable(seed=0), None, data, cfg, out / "run", seed=5, device="cpu",
-              on_step=kill_after_3)  # fmt: skip
+        train(
+            tiny_llama_partly_trainable(seed=0),
+            None,
+            data,
+            cfg,
+            out / "run",
+            seed=5,
+            device="cpu",
+            on_step=kill_after_3,
+        )
         raise AssertionError("the run was not interrupted")
     except Killed:
         pass
@@ -80,8 +88,17 @@ def launch(out: Path, mode: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), str(out), mode]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).resolve()),
+        str(out),
+        mode,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -287,6 +287,21 @@ def test_grad_checkpointing_gives_the_same_update(tmp_path):
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-7)
 
 
+def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):
+    """precision=bf16 (what ``auto`` picks on CUDA) runs here on CPU autocast: trainable tensors stay fp32
+    and the first loss is the fp32 one within bf16 rounding (~3 significant digits)."""
+    data = copy_task(16)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model = tiny_llama(lora_rank=4)
+        run = cfg(max_steps=2, precision=precision, save_every=0)
+        out = train(model, None, data, run, tmp_path / precision, device="cpu")
+        losses[precision] = out["first_loss"]
+        assert all(p.dtype == torch.float32 for p in trainable_state(model).values())
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+    assert losses["bf16"] != losses["fp32"]  # autocast did change the arithmetic
+
+
 def _wandb_records(path: Path):
     """Records of a wandb transaction log (LevelDB-style: 7-byte file header, 32 KiB blocks, each record
     chunk = crc32 (4) + length (2, little endian) + type (1: full, 2: first, 3: middle, 4: last))."""

