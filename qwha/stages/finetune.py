@@ -22,7 +22,7 @@ from qwha.stages.common import data_source, device, load_model_for
 log = logging.getLogger("qwha.stages.finetune")
 RESUMABLE = True
 # Keys that change how a run is observed or resumed, never its result.
-NOT_IN_KEY = ("save_every", "resume", "log_every", "wandb")
+NOT_IN_KEY = ("save_every", "keep_last", "resume", "log_every", "wandb")
 
 
 def upstream(cfg: DictConfig) -> list[str]:
