@@ -58,9 +58,7 @@ def main(cfg: DictConfig) -> dict | None:
         _fail(str(e), code=3)
     except ConfigError as e:  # bad input only detectable once data is read (e.g. too little text)
         _fail(str(e))
-    table = summary_table(done)
-    log.info("summary\n%s", table)
-    print(table)
+    log.info("summary\n%s", summary_table(done))
     return {name: art.metrics for name, (art, _) in done.items()}
 
 
