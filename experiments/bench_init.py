@@ -41,12 +41,19 @@ from qwha.init.transform_op import RightTransform
 
 
 def wht_matrix(n: int) -> torch.Tensor:
+    """Sylvester Hadamard for powers of two; else the project's WHT, or a same-shaped stand-in."""
+    import scipy.linalg
+
     if n & (n - 1) == 0:
-        import scipy.linalg
-
         return torch.tensor(scipy.linalg.hadamard(n) / math.sqrt(n), dtype=torch.float64)
-    from qwha.transforms import transform_matrix
-
+    try:
+        from qwha.transforms import transform_matrix
+    except ImportError:
+        # Stand-in with the cost structure of H_m ⊗ H_2^k: a random orthogonal m×m ⊗ Sylvester.
+        two = n & -n
+        q, _ = torch.linalg.qr(torch.randn(n // two, n // two, dtype=torch.float64))
+        print(f"(qwha.transforms missing: stand-in transform Q_{n // two} ⊗ Sylvester_{two})")
+        return torch.kron(q.contiguous(), torch.tensor(scipy.linalg.hadamard(two) / math.sqrt(two)))
     return transform_matrix("wht", n, dtype=torch.float64)
 
 
@@ -106,7 +113,7 @@ def loop_on_normal(delta, xtx, budget, h):
         if k == 0:
             continue
         cols = torch.sort(torch.topk(coeffs[i].abs(), k).indices).values
-        c = torch.linalg.solve(normal[cols][:, cols], rhs[i, cols])
+        c = torch.linalg.solve(normal[cols.unsqueeze(1), cols], rhs[i, cols])
         idx_rows.append(torch.stack([torch.full_like(cols, i), cols], 1))
         vals_rows.append(c)
     stage = time.perf_counter() - t0
