@@ -153,6 +153,31 @@ def batched_breakdown(delta, xtx, budget, h) -> tuple[dict[str, float], torch.Te
     return times, idx, vals
 
 
+SMOLLM2_SHAPES = {  # SmolLM2-135M projections (d_out, d_in); 30 decoder layers
+    "q_proj": (576, 576),
+    "k_proj": (192, 576),
+    "v_proj": (192, 576),
+    "o_proj": (576, 576),
+    "gate_proj": (1536, 576),
+    "up_proj": (1536, 576),
+    "down_proj": (576, 1536),
+}
+
+
+def smollm2_estimate(rank: int, tokens: int) -> None:
+    """Time `initialize("adaalloc")` once per SmolLM2 projection shape; ×30 layers estimates the model."""
+    total = 0.0
+    for name, (d_out, d_in) in SMOLLM2_SHAPES.items():
+        delta, xtx = synthetic_layer(d_out, d_in, tokens)
+        h = wht_matrix(d_in)
+        t0 = time.perf_counter()
+        initialize("adaalloc", delta, xtx, rank * (d_in + d_out), transform=h)
+        sec = time.perf_counter() - t0
+        total += sec
+        print(f"    {name:10s} {d_out:5d}×{d_in:<5d} {sec:7.3f} s")
+    print(f"one decoder layer {total:.2f} s -> 30 layers ≈ {30 * total:.0f} s (init math only, no Grams)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d-out", type=int, default=3072)
@@ -161,9 +186,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048, help="activation vectors in the synthetic Gram")
     ap.add_argument("--skip-loop", action="store_true", help="skip the (slow) plain loop reference")
     ap.add_argument("--breakdown", action="store_true", help="also time the batched path step by step")
+    ap.add_argument("--smollm2", action="store_true", help="time SmolLM2-135M's projection shapes instead")
     args = ap.parse_args()
     d_out, d_in = args.d_out, args.d_in
     budget = args.rank * (d_in + d_out)
+    if args.smollm2:
+        print(f"machine: {platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+        wd, wg = synthetic_layer(64, 128, 256)
+        initialize("adaalloc", wd, wg, 4 * 192, transform=wht_matrix(128))  # warm-up
+        smollm2_estimate(args.rank, args.tokens)
+        return
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}"
