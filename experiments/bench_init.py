@@ -41,12 +41,19 @@ from qwha.init.transform_op import RightTransform
 
 
 def wht_matrix(n: int) -> torch.Tensor:
+    """Sylvester Hadamard for powers of two; else the project's WHT, or a same-shaped stand-in."""
+    import scipy.linalg
+
     if n & (n - 1) == 0:
-        import scipy.linalg
-
         return torch.tensor(scipy.linalg.hadamard(n) / math.sqrt(n), dtype=torch.float64)
-    from qwha.transforms import transform_matrix
-
+    try:
+        from qwha.transforms import transform_matrix
+    except ImportError:
+        # Stand-in with the cost structure of H_m ⊗ H_2^k: a random orthogonal m×m ⊗ Sylvester.
+        two = n & -n
+        q, _ = torch.linalg.qr(torch.randn(n // two, n // two, dtype=torch.float64))
+        print(f"(qwha.transforms missing: stand-in transform Q_{n // two} ⊗ Sylvester_{two})")
+        return torch.kron(q.contiguous(), torch.tensor(scipy.linalg.hadamard(two) / math.sqrt(two)))
     return transform_matrix("wht", n, dtype=torch.float64)
 
 
@@ -106,7 +113,7 @@ def loop_on_normal(delta, xtx, budget, h):
         if k == 0:
             continue
         cols = torch.sort(torch.topk(coeffs[i].abs(), k).indices).values
-        c = torch.linalg.solve(normal[cols][:, cols], rhs[i, cols])
+        c = torch.linalg.solve(normal[cols.unsqueeze(1), cols], rhs[i, cols])
         idx_rows.append(torch.stack([torch.full_like(cols, i), cols], 1))
         vals_rows.append(c)
     stage = time.perf_counter() - t0
@@ -146,6 +153,31 @@ def batched_breakdown(delta, xtx, budget, h) -> tuple[dict[str, float], torch.Te
     return times, idx, vals
 
 
+SMOLLM2_SHAPES = {  # SmolLM2-135M projections (d_out, d_in); 30 decoder layers
+    "q_proj": (576, 576),
+    "k_proj": (192, 576),
+    "v_proj": (192, 576),
+    "o_proj": (576, 576),
+    "gate_proj": (1536, 576),
+    "up_proj": (1536, 576),
+    "down_proj": (576, 1536),
+}
+
+
+def smollm2_estimate(rank: int, tokens: int) -> None:
+    """Time `initialize("adaalloc")` once per SmolLM2 projection shape; ×30 layers estimates the model."""
+    total = 0.0
+    for name, (d_out, d_in) in SMOLLM2_SHAPES.items():
+        delta, xtx = synthetic_layer(d_out, d_in, tokens)
+        h = wht_matrix(d_in)
+        t0 = time.perf_counter()
+        initialize("adaalloc", delta, xtx, rank * (d_in + d_out), transform=h)
+        sec = time.perf_counter() - t0
+        total += sec
+        print(f"    {name:10s} {d_out:5d}×{d_in:<5d} {sec:7.3f} s")
+    print(f"one decoder layer {total:.2f} s -> 30 layers ≈ {30 * total:.0f} s (init math only, no Grams)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d-out", type=int, default=3072)
@@ -154,9 +186,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048, help="activation vectors in the synthetic Gram")
     ap.add_argument("--skip-loop", action="store_true", help="skip the (slow) plain loop reference")
     ap.add_argument("--breakdown", action="store_true", help="also time the batched path step by step")
+    ap.add_argument("--smollm2", action="store_true", help="time SmolLM2-135M's projection shapes instead")
     args = ap.parse_args()
     d_out, d_in = args.d_out, args.d_in
     budget = args.rank * (d_in + d_out)
+    if args.smollm2:
+        print(f"machine: {platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+        wd, wg = synthetic_layer(64, 128, 256)
+        initialize("adaalloc", wd, wg, 4 * 192, transform=wht_matrix(128))  # warm-up
+        smollm2_estimate(args.rank, args.tokens)
+        return
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}"

@@ -27,6 +27,11 @@ Selection rules (`method` of `qwha.init.initialize`):
   differs from `magnitude` exactly by the activation weighting (`|coeffs M|` instead of
   `|coeffs|`). Use it with `transform="dct"` and a 2-D transform for LoCA's own setting.
 - `zero` -- the locations of `random` (same seed); values zero (no compensation).
+
+Without refinement the values are the dense coefficients at the support (`coeffs[S]`, the best
+values for the unweighted `‖ΔW_Q − F Tᵀ‖_F`); with it, the least squares of `qwha.init.refine`.
+For the 2-D ablation a "channel" is a row of `F`, i.e. a row of `T_outᵀ ΔW_Q`, not an output
+channel of the layer.
 """
 
 from __future__ import annotations
