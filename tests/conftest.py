@@ -39,6 +39,20 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 120) -> subproce
     )
 
 
+def tiny_llama_config(**overrides):
+    """A 2-block Llama of width 64 (the unit tests' model); ``overrides`` set vocab size and the rest."""
+    from transformers import LlamaConfig
+
+    base = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaConfig(**{**base, **overrides})
+
+
 @pytest.fixture
 def cache_root(tmp_path: Path) -> Path:
     root = tmp_path / "cache"

