@@ -30,6 +30,8 @@ for _k, _v in {
     "HF_DATASETS_OFFLINE": "1",
     "WANDB_MODE": "disabled",
     "HF_HOME": "/tmp/hfhome",
+    # Evaluation only: let GPTQModel's torch kernel keep its dequantized weight between forwards.
+    "GPTQ_TORCH_CACHE_WEIGHTS": "1",
 }.items():
     os.environ.setdefault(_k, _v)
 
@@ -89,13 +91,18 @@ def perplexity(model, n_tokens: int = PPL_TOKENS, window: int = PPL_WINDOW) -> f
         logits = model(x).logits[0, :-1].float()
         nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
         count += window - 1
+        if (start // window) % 10 == 9:
+            print(
+                f"ppl: {start // window + 1} windows, running ppl {math.exp(nll / count):.3f}",
+                file=sys.stderr,
+            )
     return math.exp(nll / count)
 
 
-def run_one(method: str, bits: int, group_size: int, out: Path, iters: int) -> dict:
+def run_one(method: str, bits: int, group_size: int, out: Path, iters: int, ppl_tokens: int) -> dict:
     from qwha.quant import load_quantized, quantize_model
 
-    torch.set_num_threads(2)
+    load_start = [round(x, 2) for x in os.getloadavg()]
     art = out / (f"{method}_w{bits}g{group_size}" + ("" if iters == 200 else f"_it{iters}"))
     t0 = time.perf_counter()
     calib = calibration()
@@ -105,7 +112,7 @@ def run_one(method: str, bits: int, group_size: int, out: Path, iters: int) -> d
     )
     model = load_quantized(art, device="cpu", dtype=torch.float32)
     t0 = time.perf_counter()
-    ppl = perplexity(model)
+    ppl = perplexity(model, ppl_tokens)
     row = {
         "method": method,
         "bits": bits,
@@ -118,7 +125,9 @@ def run_one(method: str, bits: int, group_size: int, out: Path, iters: int) -> d
         "peak_rss_source": result.get("peak_rss_source"),
         "summary": result["summary"],
         "ppl": ppl,
+        "ppl_tokens": ppl_tokens,
         "ppl_s": time.perf_counter() - t0,
+        "loadavg_start": load_start,
     }
     (art / "metrics.json").write_text(json.dumps(result, indent=1))
     return row
@@ -126,11 +135,14 @@ def run_one(method: str, bits: int, group_size: int, out: Path, iters: int) -> d
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["convert", "run", "fp", "all"])
+    p.add_argument("what", choices=["convert", "run", "ppl", "fp", "all"])
     p.add_argument("--method", default="magr_gptq")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS)
+    p.add_argument("--artifact", type=Path, help="ppl: an existing quantize_model output folder")
     p.add_argument("--out", type=Path, default=Path("/tmp/mq"))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -140,27 +152,42 @@ def main() -> None:
         print(f"converted in {time.perf_counter() - t0:.1f} s -> {SMOLLM2_DIR}")
         return
     convert()
-    if a.what == "fp":
+    torch.set_num_threads(a.threads)
+    if a.what in ("fp", "ppl"):
         from transformers import AutoModelForCausalLM
 
-        torch.set_num_threads(2)
-        model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, dtype=torch.float32).eval()
+        from qwha.quant import load_quantized
+
+        if a.what == "fp":
+            model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, dtype=torch.float32).eval()
+        else:
+            model = load_quantized(a.artifact, device="cpu", dtype=torch.float32)
+        load_start = [round(x, 2) for x in os.getloadavg()]
         t0 = time.perf_counter()
-        row = {"method": "fp", "ppl": perplexity(model), "ppl_s": time.perf_counter() - t0}
+        row = {
+            "method": "fp" if a.what == "fp" else f"ppl:{a.artifact.name}",
+            "ppl": perplexity(model, a.ppl_tokens),
+            "ppl_tokens": a.ppl_tokens,
+            "ppl_s": time.perf_counter() - t0,
+            "loadavg_start": load_start,
+        }
     elif a.what == "run":
-        row = run_one(a.method, a.bits, a.group_size, a.out, a.iters)
+        row = run_one(a.method, a.bits, a.group_size, a.out, a.iters, a.ppl_tokens)
     else:
-        cmds = [[sys.executable, __file__, "fp", "--out", str(a.out)]]
-        for bits in (4, 3, 2):
+        common = ["--threads", str(a.threads), "--ppl-tokens", str(a.ppl_tokens), "--out", str(a.out)]
+        cmds = [[sys.executable, __file__, "fp", *common]]
+        for bits in (2, 3, 4):
             for method in ("rtn", "gptq", "magr_gptq"):
                 cmds.append(
                     [sys.executable, __file__, "run", "--method", method, "--bits", str(bits),
-                     "--group-size", str(a.group_size), "--iters", str(a.iters), "--out", str(a.out)]
+                     "--group-size", str(a.group_size), "--iters", str(a.iters), *common]
                 )  # fmt: skip
         for cmd in cmds:
             print("+", " ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, check=True)
         return
+    row["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    row["torch_threads"] = torch.get_num_threads()
     print(json.dumps(row), flush=True)
     with open(a.out / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
