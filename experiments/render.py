@@ -111,12 +111,12 @@ def table2(cache: Path, model: str) -> str:
         "Tables 2 / 6 / 7: layer output error, coverage and rank after init",
         model,
         len(runs),
-        "Ours: mean over adapted layers of ||dW_Q X - dW X|| / ||dW_Q X|| (relative), the outlier coverage "
-        "(share of the l1 mass of the top-10% |dW_Q| removed) and rank(update)/min(d_out, d_in). "
-        "Paper: average absolute layer error x1e3 on 4-bit Llama-3.2-3B (not the same scale; compare orderings).",
+        "Ours: mean over adapted layers of ||dW_Q X - dW X|| / ||dW_Q X|| (relative), the outlier "
+        "coverage (share of the l1 mass of the top-10% |dW_Q| removed) and rank(update)/min(d_out, d_in). "
+        "Paper: average absolute layer error x1e3 on 4-bit Llama-3.2-3B (another scale: compare orderings).",
     )
     lines += [
-        "| bits | init | refine | rel. error (ours) | coverage | norm. rank | held-out ppl | paper err x1e3 |",
+        "| bits | init | refine | rel. error (ours) | coverage | norm. rank | held-out ppl | paper x1e3 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     rows = []
