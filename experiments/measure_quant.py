@@ -99,16 +99,26 @@ def perplexity(model, n_tokens: int = PPL_TOKENS, window: int = PPL_WINDOW) -> f
     return math.exp(nll / count)
 
 
-def run_one(method: str, bits: int, group_size: int, out: Path, iters: int, ppl_tokens: int) -> dict:
+def run_one(
+    method: str, bits: int, group_size: int, out: Path, iters: int, ppl_tokens: int, alpha: float = 1e-5
+) -> dict:
     from qwha.quant import load_quantized, quantize_model
 
     load_start = [round(x, 2) for x in os.getloadavg()]
-    art = out / (f"{method}_w{bits}g{group_size}" + ("" if iters == 200 else f"_it{iters}"))
+    tag = ("" if iters == 200 else f"_it{iters}") + ("" if alpha == 1e-5 else f"_a{alpha:g}")
+    art = out / (f"{method}_w{bits}g{group_size}" + tag)
     t0 = time.perf_counter()
     calib = calibration()
     t_calib = time.perf_counter() - t0
     result = quantize_model(
-        SMOLLM2_DIR, art, calib, method=method, bits=bits, group_size=group_size, magr_iters=iters
+        SMOLLM2_DIR,
+        art,
+        calib,
+        method=method,
+        bits=bits,
+        group_size=group_size,
+        magr_iters=iters,
+        magr_alpha=alpha,
     )
     model = load_quantized(art, device="cpu", dtype=torch.float32)
     t0 = time.perf_counter()
@@ -118,6 +128,7 @@ def run_one(method: str, bits: int, group_size: int, out: Path, iters: int, ppl_
         "bits": bits,
         "group_size": group_size,
         "magr_iters": iters if method == "magr_gptq" else None,
+        "magr_alpha": alpha if method == "magr_gptq" else None,
         "calib": list(calib.shape),
         "calib_s": t_calib,
         "quant_wall_s": result["wall_s"],
@@ -140,6 +151,7 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--alpha", type=float, default=1e-5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS)
     p.add_argument("--artifact", type=Path, help="ppl: an existing quantize_model output folder")
@@ -172,7 +184,7 @@ def main() -> None:
             "loadavg_start": load_start,
         }
     elif a.what == "run":
-        row = run_one(a.method, a.bits, a.group_size, a.out, a.iters, a.ppl_tokens)
+        row = run_one(a.method, a.bits, a.group_size, a.out, a.iters, a.ppl_tokens, a.alpha)
     else:
         common = ["--threads", str(a.threads), "--ppl-tokens", str(a.ppl_tokens), "--out", str(a.out)]
         cmds = [[sys.executable, __file__, "fp", *common]]

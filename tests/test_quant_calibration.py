@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwha.quant import BITS, QUANT_METHODS, validate
+from qwha.quant import BITS, QUANT_METHODS, input_widths, validate
 from qwha.quant.calibration import sample_windows, tokenize_corpus
 
 
@@ -102,3 +102,10 @@ def test_validate_rejects_with_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match) as err:
         validate(**args, **extra)
     assert "\n" not in str(err.value)
+
+
+def test_input_widths_from_config():
+    smollm2 = {"hidden_size": 576, "num_attention_heads": 9, "intermediate_size": 1536}
+    assert input_widths(smollm2) == [576, 1536]
+    qwen3_like = {"hidden_size": 1024, "num_attention_heads": 16, "head_dim": 128, "intermediate_size": 3072}
+    assert input_widths(qwen3_like) == [1024, 2048, 3072]  # o_proj reads 16 × 128

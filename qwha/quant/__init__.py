@@ -28,6 +28,7 @@ __all__ = [
     "CALIBRATED_METHODS",
     "GROUP_SIZES",
     "QUANT_METHODS",
+    "input_widths",
     "load_quantized",
     "quantize_model",
     "validate",
@@ -86,10 +87,18 @@ def validate(
             raise ValueError(f"quant.magr_iters={magr_iters}: must be >= 0")
     if n_windows is None or window_len is None:
         raise ValueError(f"quant.method={method} needs a calibration sample (quant.calib_windows/calib_len)")
-    if n_tokens is not None:
-        check_sample_size(n_tokens, n_windows, window_len)
-    elif n_windows < 1 or window_len < 1:
-        check_sample_size(window_len, n_windows, window_len)
+    # Without a token count (sample already drawn) only the shape is checked: n_tokens := n · L.
+    check_sample_size(n_windows * window_len if n_tokens is None else n_tokens, n_windows, window_len)
+
+
+def input_widths(config: dict) -> list[int]:
+    """Input widths ``d_in`` of the adapted projections of a Llama-style model, from its ``config.json``
+    (as a dict): ``hidden_size`` (q/k/v, gate/up), ``num_attention_heads · head_dim`` (o_proj) and
+    ``intermediate_size`` (down_proj). For :func:`validate` before any weights are read."""
+    hidden = int(config["hidden_size"])
+    heads = int(config.get("num_attention_heads", 1))
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    return sorted({hidden, heads * head_dim, int(config["intermediate_size"])})
 
 
 def __getattr__(name: str) -> Any:

@@ -28,6 +28,7 @@ name.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -39,6 +40,8 @@ from torch import nn
 
 from qwha.quant.magr import magr
 from qwha.quant.metrics import gram_error
+
+log = logging.getLogger("qwha.quant")
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,13 @@ def gptq_task_class(settings: MagRSettings, sink: LayerErrorSink):
                 row["group_linf_before"] = _group_linf(w, self.qcfg.group_size)
                 row["group_linf_after"] = _group_linf(w_hat, self.qcfg.group_size)
                 row["magr_dw_x_fro"] = gram_error(w_hat - w, h) * scale
+                log.debug(
+                    "MagR %s: %.2f s, mean group max|w| %.5f -> %.5f",
+                    self.name,
+                    row["magr_seconds"],
+                    row["group_linf_before"],
+                    row["group_linf_after"],
+                )
                 # GPTQ.quantize() quantizes ``module_copy`` when set (instead of cloning the weight).
                 self.module_copy = w_hat
             result = super().quantize(blocksize=blocksize)
@@ -132,6 +142,10 @@ def gptq_task_class_installed(settings: MagRSettings, sink: LayerErrorSink) -> I
     """Make GPTQModel's GPTQ processor build :func:`gptq_task_class` tasks inside this block."""
     import gptqmodel.looper.gptq_processor as processor_module
 
+    # The one patch point (see the module docstring): GPTQProcessor.preprocess() instantiates
+    # ``GPTQ(module=..., qcfg=...)`` by this module-level name, and its shared-input Hessian dedup checks
+    # ``type(task) is GPTQ`` by the same name, so swapping it keeps both working with the subclass.
+    # GPTQModel 7.6.0 has no public hook between Hessian capture and the GPTQ solve.
     original = processor_module.GPTQ
     processor_module.GPTQ = gptq_task_class(settings, sink)
     try:
