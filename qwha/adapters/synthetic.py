@@ -18,6 +18,22 @@ from torch import nn
 __all__ = ["random_torch_linear", "rtn_grid", "torch_linear_from"]
 
 
+def _empty_torch_linear(bits: int, group_size: int, d_in: int, d_out: int, *, bias: bool):
+    """An unpacked asymmetric GPTQModel ``TorchLinear`` (int32 packing, no act-order)."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    return TorchLinear(
+        bits=bits,
+        group_size=group_size,
+        sym=False,
+        desc_act=False,
+        in_features=d_in,
+        out_features=d_out,
+        bias=bias,
+        pack_dtype=torch.int32,
+    )
+
+
 def rtn_grid(weight: torch.Tensor, bits: int, group_size: int):
     """Asymmetric per-group RTN: (W_Q [d_out, d_in] as GPTQModel dequantizes it, scale, zero)."""
     d_out, d_in = weight.shape
@@ -35,7 +51,6 @@ def rtn_grid(weight: torch.Tensor, bits: int, group_size: int):
 def torch_linear_from(linear: nn.Linear, bits: int = 4, group_size: int = 32, compile: bool = False):
     """A CPU GPTQModel ``TorchLinear`` holding ``linear``'s weight on a ``bits``-bit grid."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
     d_out, d_in = linear.weight.shape
     deq, scale, zero = rtn_grid(linear.weight, bits, group_size)
@@ -44,16 +59,7 @@ def torch_linear_from(linear: nn.Linear, bits: int = 4, group_size: int = 32, co
         src.weight.copy_(deq)
         if linear.bias is not None:
             src.bias.copy_(linear.bias.detach().float())
-    layer = TorchLinear(
-        bits=bits,
-        group_size=group_size,
-        sym=False,
-        desc_act=False,
-        in_features=d_in,
-        out_features=d_out,
-        bias=linear.bias is not None,
-        pack_dtype=torch.int32,
-    )
+    layer = _empty_torch_linear(bits, group_size, d_in, d_out, bias=linear.bias is not None)
     g_idx = torch.arange(d_in, dtype=torch.int32) // group_size
     layer.pack_original(src, scale.half(), zero.half(), g_idx)
     if not compile:
@@ -74,18 +80,8 @@ def random_torch_linear(
 ):
     """A ``TorchLinear`` with random codes, zeros and small scales (for timing; instant at any size)."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
-    layer = TorchLinear(
-        bits=bits,
-        group_size=group_size,
-        sym=False,
-        desc_act=False,
-        in_features=d_in,
-        out_features=d_out,
-        bias=False,
-        pack_dtype=torch.int32,
-    )
+    layer = _empty_torch_linear(bits, group_size, d_in, d_out, bias=False)
     g = torch.Generator().manual_seed(seed)
     lo, hi = -(2**31), 2**31 - 1
     with torch.no_grad():
