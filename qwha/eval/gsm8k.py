@@ -168,12 +168,14 @@ def generate_batched(
     *,
     batch_size: int = 8,
     desc: str = "generate",
+    add_special_tokens: bool = True,
     **gen_kwargs: Any,
 ) -> list[str]:
     """Continuations of ``prompts`` (special tokens dropped), generated ``batch_size`` at a time.
 
     Prompts are left-padded so every row's continuation starts at the same position; the tokenizer's
     padding side is restored afterwards. A tokenizer without a pad token pads with its EOS token.
+    ``add_special_tokens=False`` for prompts that already carry them (chat-formatted prompts).
     """
     if batch_size < 1:
         raise ValueError(f"eval.batch_size={batch_size}: must be >= 1")
@@ -188,7 +190,8 @@ def generate_batched(
     outputs: list[str] = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+            batch = prompts[start : start + batch_size]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
             enc = {k: v.to(device) for k, v in enc.items()}
             out = model.generate(**enc, pad_token_id=pad_id, **gen_kwargs)
             new = out[:, enc["input_ids"].shape[1] :]
@@ -209,6 +212,7 @@ def run_gsm8k(
     max_new_tokens: int = 256,
     seed: int = 42,
     exclude_ids: Iterable[int] = (),
+    chat_template: bool = False,
     n_samples: int = 5,
 ) -> dict[str, Any]:
     """Zero-shot CoT exact match on the GSM8K test set.
@@ -224,6 +228,9 @@ def run_gsm8k(
         max_new_tokens: generation budget per question (paper: 256).
         seed: ``torch.manual_seed`` before the first batch (paper: 42).
         exclude_ids: GSM8K test indices to leave out (e.g. :data:`GSM_SYMBOLIC_TEST_IDS`).
+        chat_template: wrap each prompt as one user turn of the tokenizer's chat template (with the
+            assistant header appended). The paper feeds the raw prompt (False); an instruct model that
+            was not fine-tuned on this format answers the raw prompt poorly.
         n_samples: how many first items to return in ``samples``.
 
     Returns:
@@ -237,12 +244,29 @@ def run_gsm8k(
     if limit is not None:
         items = items[:limit]
     prompts = [PROMPT_TEMPLATE.format(question=it["question"]) for it in items]
+    if chat_template:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("eval.gsm8k.chat_template=true: the tokenizer has no chat template")
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     torch.manual_seed(seed)
     try:
-        outputs = generate_batched(model, tokenizer, prompts, batch_size=batch_size, desc="gsm8k", **gen_kw)
+        outputs = generate_batched(
+            model,
+            tokenizer,
+            prompts,
+            batch_size=batch_size,
+            desc="gsm8k",
+            add_special_tokens=not chat_template,
+            **gen_kw,
+        )
     finally:
         if was_training:
             model.train()
