@@ -76,7 +76,7 @@ tables: $(TABLES)  ## every table above
 render: $(STAMP)  ## re-render every table from the cache without running anything
 	$(PY) experiments/render.py all --model $(MODEL)
 
-clean-cache:  ## delete the stage cache ($$QWHA_CACHE_PATH or .cache/qwha)
+clean-cache:  ## delete the stage cache (QWHA_CACHE_PATH, default .cache/qwha)
 	rm -rf "$${QWHA_CACHE_PATH:-.cache/qwha}"
 
 clean:  ## delete the venv, caches and run folders
