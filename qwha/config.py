@@ -105,7 +105,8 @@ def validate(cfg: DictConfig) -> None:
     method = cfg.adapter.method
     if method == "lota" and kind != "lota":
         raise ConfigError(
-            f"adapter=lota needs init=lota (ternary A, B = 0), got init={cfg.init.method}; method=lota sets both"
+            f"adapter=lota needs init=lota (ternary A, B = 0), got init={cfg.init.method}; "
+            "method=lota sets both"
         )
     needs = {"sparse": ("wha",), "lowrank": ("lora",), "lota": ("lota",)}
     use = {"sparse": "wha|dca|dha|sparse|dct2d|wht2d", "lowrank": "lora", "lota": "lota"}

@@ -117,7 +117,9 @@ def test_ternary_kaiming_init():
 
 
 def _lota_layer(bits=2, group=16, r=4, omega=1.0, seed=0):
-    layer = LoTALinear(_layer(bits, group, seed=seed), r, omega, generator=torch.Generator().manual_seed(seed))
+    layer = LoTALinear(
+        _layer(bits, group, seed=seed), r, omega, generator=torch.Generator().manual_seed(seed)
+    )
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         layer.lota_B.copy_(torch.randint(-1, 2, layer.lota_B.shape, generator=g).float())
@@ -129,7 +131,9 @@ def test_forward_matches_float64_reference(bits, group):
     layer = _lota_layer(bits, group)
     w_int, s, z = layer.grid()
     ref = _ref_weight(w_int, s, z, layer.lota_A, layer.lota_B, layer.omega, layer.maxq, group)
-    assert torch.allclose(layer.effective_weight(torch.float64), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    assert torch.allclose(
+        layer.effective_weight(torch.float64), ref, rtol=0, atol=1e-6 * float(ref.abs().max())
+    )
     step, _ = layer.step_and_offset()
     assert step.abs().sum() > 0  # the example exercises the ternary step, not only μ
     x = torch.randn(5, 64, dtype=torch.float64)
@@ -229,7 +233,7 @@ def test_merge_is_lossless_and_codes_stay_in_range(bits, group):
     layer = _lota_layer(bits, group, r=4, omega=1.0)
     # push codes against both boundaries: the masks must keep W_int + Ŵ inside [0, 2^b − 1]
     w_int, _, _ = layer.grid()
-    assert ((w_int == 0).any() and (w_int == layer.maxq).any())
+    assert (w_int == 0).any() and (w_int == layer.maxq).any()
     x = torch.randn(9, 64, dtype=torch.float64)
     w_ref = layer.effective_weight(torch.float64)
     y_ref = x @ w_ref.T + layer.base_layer.bias.double()
@@ -401,6 +405,8 @@ def test_finetune_stage_selects_tsignsgd():
     from qwha.stages.finetune import train_config
 
     cfg = TrainConfig.from_mapping(train_config(compose("method=lota")))
-    assert cfg.optimizer == "tsignsgd" and cfg.tsignsgd.keep_start == 0.05 and cfg.tsignsgd.mid_fraction == 0.8
+    assert (
+        cfg.optimizer == "tsignsgd" and cfg.tsignsgd.keep_start == 0.05 and cfg.tsignsgd.mid_fraction == 0.8
+    )
     assert TrainConfig.from_mapping(train_config(compose())).optimizer == "adamw"
     assert math.isclose(keep_fraction(0, 10, cfg.tsignsgd.keep_start), 0.05)

@@ -11,7 +11,8 @@ in the same layout by this module (why PEFT cannot host it unpatched: :mod:`qwha
   (int32 ``[p]``, flat row-major positions ``row · d_in + col``, ascending).
 
 LoTA-QAF (:mod:`qwha.adapters.lota`) is written the same way with ``peft_type: "LOTA"`` and the fields of
-``LoTAConfig`` (``r``, ``omega``, ``target_modules``, ``seed``), and tensors ``base_model.model.<name>.lota_A``
+``LoTAConfig`` (``r``, ``omega``, ``target_modules``, ``seed``), and tensors
+``base_model.model.<name>.lota_A``
 (int8 ``[d_in, r]``) and ``...lota_B`` (int8 ``[r, d_out]``): the factors are ternary, so int8 is exact.
 """
 
@@ -60,7 +61,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     for name, layer in layers.items():
         if kind is LoTALinear:
             for t in ("lota_A", "lota_B"):
-                tensors[f"{_PREFIX}{name}.{t}"] = getattr(layer, t).detach().to("cpu", torch.int8).contiguous()
+                tensors[f"{_PREFIX}{name}.{t}"] = (
+                    getattr(layer, t).detach().to("cpu", torch.int8).contiguous()
+                )
             continue
         tensors[f"{_PREFIX}{name}.wha_c"] = layer.wha_c.detach().to("cpu", torch.float32).contiguous()
         tensors[f"{_PREFIX}{name}.wha_indices"] = (

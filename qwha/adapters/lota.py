@@ -111,7 +111,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """The inverse of :func:`unpack_codes`: codes ``[n, C]`` in ``[0, 2^bits)`` -> int32 ``[n·bits/32, C]``."""
+    """Inverse of :func:`unpack_codes`: codes ``[n, C]`` in ``[0, 2^bits)`` -> ``[n·bits/32, C]`` int32."""
     n = codes.shape[0]
     if (n * bits) % 32:
         raise ValueError(f"{n} codes of {bits} bits do not fill whole 32-bit words")
@@ -120,7 +120,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes outside [0, {(1 << bits) - 1}]")
     bit = torch.arange(bits, device=c.device).view(1, bits, *([1] * (c.dim() - 1)))
     stream = ((c.unsqueeze(1) >> bit) & 1).reshape(n * bits // 32, 32, *c.shape[1:])  # bit k of word
-    weight = (torch.ones(32, dtype=torch.int64, device=c.device) << torch.arange(32, device=c.device))
+    weight = torch.ones(32, dtype=torch.int64, device=c.device) << torch.arange(32, device=c.device)
     word = (stream * weight.view(1, 32, *([1] * (c.dim() - 1)))).sum(1)
     return (word - ((word >> 31) << 32)).to(torch.int32)  # two's complement of the unsigned word
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from qwha.adapters.base import is_quantized_linear, unwrap_model
-from qwha.adapters.lota import LoTALinear, gptq_grid, pack_codes
+from qwha.adapters.lota import LoTALinear, pack_codes
 
 __all__ = ["group_indicator", "merge_lota", "offset_lora", "save_merged_lota"]
 
@@ -141,7 +141,9 @@ def save_merged_lota(model: nn.Module, quant_dir: str | Path, out_dir: str | Pat
             state[shard] = {k: f.get_tensor(k) for k in f.keys()}
     where = {k[: -len(".qweight")]: shard for shard, t in state.items() for k in t if k.endswith(".qweight")}
     for name, layer in lota.items():
-        if name not in where or not torch.equal(state[where[name]][f"{name}.qweight"], layer.base_layer.qweight.cpu()):
+        if name not in where or not torch.equal(
+            state[where[name]][f"{name}.qweight"], layer.base_layer.qweight.cpu()
+        ):
             raise ValueError(f"{quant_dir} is not the quantized model under the adapter (layer {name!r})")
     config = getattr(inner, "qwha_adapter_config", None)
     merge_lota(inner)

@@ -3,7 +3,8 @@
 Every adapted layer becomes ``nn.Linear`` with weight ``W_Q + ΔW`` (LoTA: its effective weight),
 computed in float32 and rounded once to ``dtype``; every other quantized linear becomes ``nn.Linear``
 with its dequantized weight; the rest of the model is cast to ``dtype`` and the quantization entries
-are dropped from its config, so ``save_pretrained`` writes a plain checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads.
+are dropped from its config, so ``save_pretrained`` writes a plain checkpoint that
+``AutoModelForCausalLM.from_pretrained`` loads.
 """
 
 from __future__ import annotations

@@ -84,7 +84,9 @@ class WandbRun:
 
     def log(self, row: dict[str, Any], step: int) -> None:
         if self.run is not None:
-            self.run.log({f"train/{k}": v for k, v in row.items() if k != "step" and v is not None}, step=step)
+            self.run.log(
+                {f"train/{k}": v for k, v in row.items() if k != "step" and v is not None}, step=step
+            )
 
     def summary(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:

@@ -269,7 +269,9 @@ def attach_checkpoint_lora(model: nn.Module, out_dir: Path, adapter: dict) -> No
     from safetensors import safe_open
 
     if adapter.get("name") != "lora" or adapter.get("path") not in (None, ""):
-        raise ValueError(f"{out_dir}: quantize_config adapter {adapter!r} is not a LoRA stored in the checkpoint")
+        raise ValueError(
+            f"{out_dir}: quantize_config adapter {adapter!r} is not a LoRA stored in the checkpoint"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(Path(out_dir).glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
