@@ -7,7 +7,8 @@ from __future__ import annotations
 
 PAPER = "QWHA (Jeon et al., arXiv 2509.17428)"
 
-# Table 3: CSQA average / GSM8K accuracy (%), by model, bits and method.
+# Table 3: CSQA average / GSM8K accuracy (%), by model, bits and method. LoTA-QAF (method "lota", the
+# second method family, arXiv 2505.18724) is not in the QWHA paper: its paper cells stay empty.
 TABLE3 = {
     ("llama3.2-3b", 4): {
         "gptq_magr": (64.43, 3.34),

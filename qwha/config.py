@@ -103,12 +103,19 @@ def validate(cfg: DictConfig) -> None:
             )
     kind = cfg.init.kind
     method = cfg.adapter.method
-    needs = {"sparse": ("wha",), "lowrank": ("lora",)}
+    if method == "lota" and kind != "lota":
+        raise ConfigError(
+            f"adapter=lota needs init=lota (ternary A, B = 0), got init={cfg.init.method}; "
+            "method=lota sets both"
+        )
+    needs = {"sparse": ("wha",), "lowrank": ("lora",), "lota": ("lota",)}
+    use = {"sparse": "wha|dca|dha|sparse|dct2d|wht2d", "lowrank": "lora", "lota": "lota"}
     if kind in needs and method not in needs[kind]:
         raise ConfigError(
-            f"init={cfg.init.method} ({kind}) does not fit adapter.method={method!r}: use adapter="
-            f"{'wha|dca|dha|sparse|dct2d|wht2d' if kind == 'sparse' else 'lora'}"
+            f"init={cfg.init.method} ({kind}) does not fit adapter.method={method!r}: use adapter={use[kind]}"
         )
+    if method == "lota":
+        _validate_lota(cfg)
     if cfg.eval.target not in ("quantize", "init", "finetune"):
         raise ConfigError(
             f"eval.target={cfg.eval.target!r} is unknown: allowed values are quantize, init, finetune"
@@ -117,3 +124,23 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in ("auto", "packaged", "hub"):
             raise ConfigError(f"{key}={value!r} is unknown: allowed values are auto, packaged, hub")
+
+
+def _validate_lota(cfg: DictConfig) -> None:
+    """LoTA-QAF moves integer codes: it needs a quantized model, its own init, and a sane schedule."""
+    a = cfg.adapter
+    if cfg.quant.method == "none":
+        raise ConfigError(
+            "adapter=lota needs a quantized model: quant.method=none has no integer grid; "
+            "allowed values are rtn, gptq, magr_gptq"
+        )
+    if not isinstance(a.rank, int) or a.rank <= 0:
+        raise ConfigError(f"adapter.rank={a.rank!r} must be a positive integer")
+    if a.omega is not None and not (isinstance(a.omega, int | float) and a.omega > 0):
+        raise ConfigError(f"adapter.omega={a.omega!r} must be a positive number or null (0.75 * rank)")
+    for key in ("keep_start", "keep_mid", "keep_end", "mid_fraction"):
+        value = a[key]
+        if not (isinstance(value, int | float) and 0 < value <= 1):
+            raise ConfigError(f"adapter.{key}={value!r} must be in (0, 1]")
+    if cfg.train.fsdp:
+        raise ConfigError("train.fsdp=true does not fit adapter=lota: t-SignSGD needs whole tensors; use DDP")

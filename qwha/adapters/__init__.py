@@ -1,4 +1,4 @@
-"""Adapters on (quantized) linear layers: the WHA family and LoRA, PEFT-format save/load, merge.
+"""Adapters on (quantized) linear layers: the WHA family, LoRA, LoTA-QAF; PEFT-format save/load, merge.
 
 Public API (what the init, finetune and eval stages call):
 
@@ -7,7 +7,10 @@ Public API (what the init, finetune and eval stages call):
   model; each layer has ``base_weight()`` and ``delta_weight()``, WHA layers ``set_sparse(E, c)``,
   LoRA layers ``set_lora(A, B)``;
 * ``save_adapter(model, dir)`` / ``load_adapter(base_model, dir)`` in PEFT's format;
-* ``merge_to_dense(model, dtype)`` -> a plain transformers model with ``W_Q + ΔW`` in ``nn.Linear``.
+* ``merge_to_dense(model, dtype)`` -> a plain transformers model with ``W_Q + ΔW`` in ``nn.Linear``;
+* LoTA-QAF (``method="lota"``, :mod:`qwha.adapters.lota`): ternary factors on the GPTQ grid, merged
+  losslessly into the quantized model by ``merge_lota`` / ``save_merged_lota``
+  (:mod:`qwha.adapters.lota_merge`).
 
 Why WHA does not go through PEFT's own API (PEFT 0.21.2, checked): a PEFT method needs a member of the
 ``PeftType`` enum. ``register_peft_method`` refuses names that are not members, every member already
@@ -33,25 +36,32 @@ from torch import nn
 from qwha.adapters.base import is_peft_model, unwrap_model
 from qwha.adapters.io import load_adapter, save_adapter
 from qwha.adapters.lora import LoraLayerView, attach_lora, lora_layers
+from qwha.adapters.lota import LoTAConfig, LoTALinear, attach_lota
+from qwha.adapters.lota_merge import merge_lota, save_merged_lota
 from qwha.adapters.merge import merge_to_dense
 from qwha.adapters.wha import WHAConfig, WHALinear, attach_wha, wha_budget, wha_scale
 
-ADAPTER_METHODS = ("wha", "lora")
+ADAPTER_METHODS = ("wha", "lora", "lota")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 __all__ = [
     "ADAPTER_METHODS",
     "DEFAULT_TARGET_MODULES",
+    "LoTAConfig",
+    "LoTALinear",
     "LoraLayerView",
     "WHAConfig",
     "WHALinear",
     "adapter_layers",
     "attach_adapter",
+    "attach_lota",
     "attach_wha",
     "is_peft_model",
     "load_adapter",
+    "merge_lota",
     "merge_to_dense",
     "save_adapter",
+    "save_merged_lota",
     "wha_budget",
     "wha_scale",
 ]
@@ -70,13 +80,17 @@ def attach_adapter(
     lora_alpha: float | None = None,
     dropout: float = 0.0,
     compute: str = "auto",
+    omega: float | None = None,
+    seed: int = 0,
 ) -> nn.Module:
     """Put an adapter on every target linear (``nn.Linear`` or GPTQModel quantized linear).
 
     ``method="wha"``: in place, returns ``model``; budget ``p = rank · (d_in + d_out)`` per layer
     (capped at ``d_in · d_out``), values zero at the default positions (see :mod:`qwha.adapters.wha`).
     ``method="lora"``: returns a ``peft.PeftModel`` around the transformers model (``lora_alpha``
-    defaults to ``rank``). Only adapter parameters are trainable afterwards.
+    defaults to ``rank``). ``method="lota"``: in place, ternary ``A`` ``[d_in, rank]``, ``B = 0``, threshold
+    ``omega`` (default ``0.75·rank``), ``A`` drawn with ``seed``; GPTQModel layers only. Only adapter
+    parameters are trainable afterwards.
     """
     if method not in ADAPTER_METHODS:
         raise ValueError(f"method={method!r} is not one of {', '.join(ADAPTER_METHODS)}")
@@ -88,6 +102,9 @@ def attach_adapter(
             lora_alpha=lora_alpha,
             dropout=dropout,
         )
+    if method == "lota":
+        targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+        return attach_lota(model, LoTAConfig(r=rank, omega=omega, target_modules=targets, seed=seed))
     config = WHAConfig(
         r=rank,
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
@@ -101,8 +118,9 @@ def attach_adapter(
     return attach_wha(model, config)
 
 
-def adapter_layers(model: nn.Module) -> dict[str, WHALinear | LoraLayerView]:
+def adapter_layers(model: nn.Module) -> dict[str, WHALinear | LoTALinear | LoraLayerView]:
     """``{qualified name: layer}`` for every adapted layer; names are those of the un-adapted model."""
     if is_peft_model(model):
         return lora_layers(model)
-    return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, WHALinear)}
+    kinds = (WHALinear, LoTALinear)
+    return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, kinds)}

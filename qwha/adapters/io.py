@@ -9,6 +9,11 @@ in the same layout by this module (why PEFT cannot host it unpatched: :mod:`qwha
 * ``adapter_model.safetensors``: for each adapted module ``<name>`` of the transformers model,
   ``base_model.model.<name>.wha_c`` (float32 ``[p]``) and ``base_model.model.<name>.wha_indices``
   (int32 ``[p]``, flat row-major positions ``row · d_in + col``, ascending).
+
+LoTA-QAF (:mod:`qwha.adapters.lota`) is written the same way with ``peft_type: "LOTA"`` and the fields of
+``LoTAConfig`` (``r``, ``omega``, ``target_modules``, ``seed``), and tensors
+``base_model.model.<name>.lota_A``
+(int8 ``[d_in, r]``) and ``...lota_B`` (int8 ``[r, d_out]``): the factors are ternary, so int8 is exact.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qwha.adapters.base import is_peft_model, unwrap_model
+from qwha.adapters.lota import LoTAConfig, LoTALinear, attach_lota
 from qwha.adapters.wha import WHAConfig, WHALinear, attach_wha
 
 CONFIG_NAME = "adapter_config.json"
@@ -46,12 +52,19 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
         model.save_pretrained(str(out))
         return out
     inner = unwrap_model(model)
-    layers = {n: m for n, m in inner.named_modules() if isinstance(m, WHALinear)}
-    config: WHAConfig | None = getattr(inner, "qwha_adapter_config", None)
+    config: WHAConfig | LoTAConfig | None = getattr(inner, "qwha_adapter_config", None)
+    kind = LoTALinear if isinstance(config, LoTAConfig) else WHALinear
+    layers = {n: m for n, m in inner.named_modules() if isinstance(m, kind)}
     if not layers or config is None:
         raise ValueError("the model carries no adapter (attach_adapter first)")
     tensors = {}
     for name, layer in layers.items():
+        if kind is LoTALinear:
+            for t in ("lota_A", "lota_B"):
+                tensors[f"{_PREFIX}{name}.{t}"] = (
+                    getattr(layer, t).detach().to("cpu", torch.int8).contiguous()
+                )
+            continue
         tensors[f"{_PREFIX}{name}.wha_c"] = layer.wha_c.detach().to("cpu", torch.float32).contiguous()
         tensors[f"{_PREFIX}{name}.wha_indices"] = (
             layer.wha_indices.detach().to("cpu", torch.int32).contiguous()
@@ -59,7 +72,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     name_or_path = getattr(getattr(inner, "config", None), "_name_or_path", None) or None
     doc = {
-        "peft_type": "WHA",
+        "peft_type": "LOTA" if kind is LoTALinear else "WHA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": name_or_path,
         "inference_mode": True,
@@ -82,12 +95,14 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path, is_trainable: b
         return PeftModel.from_pretrained(
             unwrap_model(base_model), str(adapter_dir), is_trainable=is_trainable
         )
-    if peft_type != "WHA":
-        raise ValueError(f"{adapter_dir}: peft_type={peft_type!r} is not one of LORA, WHA")
+    if peft_type not in ("WHA", "LOTA"):
+        raise ValueError(f"{adapter_dir}: peft_type={peft_type!r} is not one of LORA, WHA, LOTA")
     if doc.get("qwha_format") != _FORMAT_VERSION:
         raise ValueError(
             f"{adapter_dir}: qwha_format={doc.get('qwha_format')!r}, this code reads {_FORMAT_VERSION}"
         )
+    if peft_type == "LOTA":
+        return _load_lota(base_model, adapter_dir, doc, is_trainable)
     fields = {k: doc[k] for k in WHAConfig.__dataclass_fields__}
     config = WHAConfig(**fields)
     state = load_file(str(Path(adapter_dir) / WEIGHTS_NAME))
@@ -117,3 +132,24 @@ class _BudgetTable(dict):
 
     def __missing__(self, name: str) -> int:
         raise ValueError(f"{self.where} has no values for layer {name!r} that its target_modules select")
+
+
+def _load_lota(base_model: nn.Module, adapter_dir, doc: dict, is_trainable: bool) -> nn.Module:
+    config = LoTAConfig(**{k: doc[k] for k in LoTAConfig.__dataclass_fields__})
+    state = load_file(str(Path(adapter_dir) / WEIGHTS_NAME))
+    attach_lota(base_model, config)
+    layers = {n: m for n, m in unwrap_model(base_model).named_modules() if isinstance(m, LoTALinear)}
+    saved = {k[len(_PREFIX) : -len(".lota_A")] for k in state if k.endswith(".lota_A")}
+    if set(layers) != saved:
+        missing, extra = sorted(set(layers) - saved), sorted(saved - set(layers))
+        raise ValueError(
+            f"{adapter_dir} does not fit the model: layers without saved factors {missing[:5]}, "
+            f"saved factors for no layer {extra[:5]}"
+        )
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for t in ("lota_A", "lota_B"):
+                param = getattr(layer, t)
+                param.copy_(state[f"{_PREFIX}{name}.{t}"].to(param))
+                param.requires_grad_(is_trainable)
+    return base_model

@@ -1,9 +1,10 @@
 """Merge an adapter into a dense floating-point model (the ``merge_and_unload``-style export).
 
-Every adapted layer becomes ``nn.Linear`` with weight ``W_Q + ΔW`` (computed in float32, rounded once
-to ``dtype``); every other quantized linear becomes ``nn.Linear`` with its dequantized weight; the
-rest of the model is cast to ``dtype`` and the quantization entries are dropped from its config, so
-``save_pretrained`` writes a plain checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads.
+Every adapted layer becomes ``nn.Linear`` with weight ``W_Q + ΔW`` (LoTA: its effective weight),
+computed in float32 and rounded once to ``dtype``; every other quantized linear becomes ``nn.Linear``
+with its dequantized weight; the rest of the model is cast to ``dtype`` and the quantization entries
+are dropped from its config, so ``save_pretrained`` writes a plain checkpoint that
+``AutoModelForCausalLM.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from qwha.adapters.base import base_bias, dense_weight, is_peft_model, is_quantized_linear, unwrap_model
+from qwha.adapters.lota import LoTALinear
 from qwha.adapters.wha import WHALinear
 
 __all__ = ["merge_to_dense"]
@@ -65,6 +67,9 @@ def merge_to_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.
         if isinstance(module, WHALinear):
             base = module.base_layer
             w = dense_weight(base).float() + module.delta_weight().float()
+        elif isinstance(module, LoTALinear):  # (the lossless merge into the quantized model: lota_merge)
+            base = module.base_layer
+            w = module.effective_weight(torch.float32)
         elif LoraLayer and isinstance(module, LoraLayer):
             base = module.get_base_layer()
             w = dense_weight(base).float()

@@ -9,6 +9,7 @@ from typing import Any
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 WANDB_MODES = ("offline", "online", "disabled")
+OPTIMIZERS = ("adamw", "tsignsgd")
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,16 @@ class WandbConfig:
     project: str = "qwha"
     name: str | None = None
     mode: str = "offline"
+
+
+@dataclass(frozen=True)
+class TSignConfig:
+    """The kept-fraction schedule of t-SignSGD (:mod:`qwha.finetune.tsignsgd`); LoTA-QAF's values."""
+
+    keep_start: float = 0.05
+    keep_mid: float = 0.001
+    keep_end: float = 0.0001
+    mid_fraction: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -28,7 +39,10 @@ class TrainConfig:
     fraction of the steps with a linear warmup (``ceil(ratio x steps)`` steps, as in HF's Trainer).
     max_grad_norm: gradient clipping (0 or None: off). precision: ``auto`` = bf16 autocast on CUDA, fp32 on
     CPU. save_every: a checkpoint every N optimizer steps (0: only at the end). keep_last: checkpoints
-    kept (older ones are deleted; 0 keeps all).
+    kept (older ones are deleted; 0 keeps all). optimizer: ``adamw`` (the paper's recipe) or ``tsignsgd``
+    (LoTA-QAF's ternary sign optimizer: ``lr``, ``weight_decay``, ``warmup_ratio`` and ``scheduler`` are
+    then unused; its schedule is ``tsignsgd``). Not keys of ``conf/train/default.yaml``: the finetune stage
+    sets them from ``adapter=lota``.
     """
 
     lr: float = 2e-4
@@ -48,6 +62,8 @@ class TrainConfig:
     fsdp: bool = False
     keep_last: int = 2
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    optimizer: str = "adamw"
+    tsignsgd: TSignConfig = field(default_factory=TSignConfig)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | TrainConfig) -> TrainConfig:
@@ -59,12 +75,17 @@ class TrainConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"train.{unknown[0]} is unknown: allowed keys are {', '.join(sorted(known))}")
-        wb = _to_dict(raw.pop("wandb", None) or {})
-        wb_known = {f.name for f in fields(WandbConfig)}
-        if set(wb) - wb_known:
-            bad = sorted(set(wb) - wb_known)[0]
-            raise ValueError(f"train.wandb.{bad} is unknown: allowed keys are {', '.join(sorted(wb_known))}")
-        out = cls(**raw, wandb=WandbConfig(**wb))
+        nested = {}
+        for key, sub in (("wandb", WandbConfig), ("tsignsgd", TSignConfig)):
+            values = _to_dict(raw.pop(key, None) or {})
+            sub_known = {f.name for f in fields(sub)}
+            if set(values) - sub_known:
+                bad = sorted(set(values) - sub_known)[0]
+                raise ValueError(
+                    f"train.{key}.{bad} is unknown: allowed keys are {', '.join(sorted(sub_known))}"
+                )
+            nested[key] = sub(**values)
+        out = cls(**raw, **nested)
         out.validate()
         return out
 
@@ -98,6 +119,14 @@ class TrainConfig:
             raise bad("log_every", "must be >= 1")
         if self.keep_last < 0:
             raise bad("keep_last", "must be >= 0 (0: keep all)")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"allowed values are {', '.join(OPTIMIZERS)}")
+        t = self.tsignsgd
+        for key in ("keep_start", "keep_mid", "keep_end", "mid_fraction"):
+            if not 0 < getattr(t, key) <= 1:
+                raise ValueError(f"train.tsignsgd.{key}={getattr(t, key)!r}: must be in (0, 1]")
+        if self.optimizer == "tsignsgd" and self.fsdp:
+            raise bad("fsdp", "t-SignSGD's per-tensor percentile needs whole tensors: use DDP (fsdp=false)")
         if self.wandb.mode not in WANDB_MODES:
             raise ValueError(
                 f"train.wandb.mode={self.wandb.mode!r}: allowed values are {', '.join(WANDB_MODES)}"
@@ -122,6 +151,6 @@ def _to_dict(cfg: Any) -> dict:
             return dict(OmegaConf.to_container(cfg, resolve=True))
     except ImportError:  # pragma: no cover
         pass
-    if isinstance(cfg, WandbConfig):
+    if isinstance(cfg, WandbConfig | TSignConfig):
         return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     return dict(cfg)

@@ -33,6 +33,23 @@ def lr_factor(step: int, total_steps: int, warmup: int, kind: str = "cosine") ->
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+class NoSchedule:
+    """The scheduler interface the trainer calls, for an optimizer without a learning rate (t-SignSGD):
+    ``get_last_lr()`` is ``[None]`` (logged as null), stepping and state are no-ops."""
+
+    def get_last_lr(self) -> list[None]:
+        return [None]
+
+    def step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, kind: str = "cosine"
 ) -> torch.optim.lr_scheduler.LambdaLR:

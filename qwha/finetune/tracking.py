@@ -84,7 +84,9 @@ class WandbRun:
 
     def log(self, row: dict[str, Any], step: int) -> None:
         if self.run is not None:
-            self.run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+            self.run.log(
+                {f"train/{k}": v for k, v in row.items() if k != "step" and v is not None}, step=step
+            )
 
     def summary(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:
@@ -113,10 +115,13 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, desc="finetune", unit="step", dynamic_ncols=True)
 
-    def update(self, loss: float, tokens_per_s: float, lr: float) -> None:
+    def update(self, loss: float, tokens_per_s: float, lr: float | None) -> None:
         if self.bar is not None:
             self.bar.set_postfix(
-                loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", lr=f"{lr:.2e}", refresh=False
+                loss=f"{loss:.4f}",
+                tok_s=f"{tokens_per_s:.0f}",
+                lr="-" if lr is None else f"{lr:.2e}",
+                refresh=False,
             )
             self.bar.update(1)
 

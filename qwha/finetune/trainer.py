@@ -1,5 +1,9 @@
 """The fine-tuning loop: AdamW + warmup/cosine, gradient accumulation, checkpoint/resume, DDP/FSDP.
 
+``train.optimizer=tsignsgd`` (set by ``adapter=lota``) trains with LoTA-QAF's t-SignSGD instead
+(:mod:`qwha.finetune.tsignsgd`): no learning rate, so no schedule; its step counter is optimizer state and
+resumes like AdamW's moments.
+
 A plain PyTorch loop rather than HF's ``Trainer``: the whole recipe fits on a page, and it gives what the
 pipeline needs without fighting a framework: checkpoints holding only the trainable (adapter) tensors, an
 exact resume (data position is a function of the step), a loss normalised by the number of supervised
@@ -19,6 +23,7 @@ DDP each micro-batch's summed loss is scaled by ``world / N`` (DDP averages grad
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,7 +45,7 @@ from qwha.data.sft import IGNORE_INDEX, SFTCollator, make_collator
 from qwha.finetune import checkpoint as ckpt
 from qwha.finetune.config import TrainConfig
 from qwha.finetune.distributed import DistEnv, all_reduce_sum, barrier, setup, teardown
-from qwha.finetune.schedule import build_scheduler, warmup_steps
+from qwha.finetune.schedule import NoSchedule, build_scheduler, warmup_steps
 from qwha.finetune.tracking import MetricsLog, Progress, WandbRun
 
 log = logging.getLogger("qwha.finetune")
@@ -58,7 +63,11 @@ _FINGERPRINT_KEYS = (
     "n_examples",
     "seed",
     "trainable",
+    "optimizer",
+    "tsignsgd",
 )
+# What a checkpoint written before a key existed implicitly had.
+_FINGERPRINT_DEFAULTS = {"optimizer": "adamw", "tsignsgd": None}
 
 
 def train(
@@ -180,6 +189,18 @@ class _Trainer:
         return DDP(model, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
 
     def _optimizer(self) -> torch.optim.Optimizer:
+        if self.cfg.optimizer == "tsignsgd":
+            from qwha.finetune.tsignsgd import TSignSGD
+
+            t = self.cfg.tsignsgd
+            return TSignSGD(
+                [p for _, p in self.params],
+                total_steps=self.total_steps,
+                keep_start=t.keep_start,
+                keep_mid=t.keep_mid,
+                keep_end=t.keep_end,
+                mid_fraction=t.mid_fraction,
+            )
         decay, no_decay = [], []
         for name, p in self.params:
             (no_decay if _no_weight_decay(self.model, name) else decay).append(p)
@@ -204,6 +225,8 @@ class _Trainer:
             "n_examples": len(self.train_set),
             "seed": self.seed,
             "trainable": names,
+            "optimizer": c.optimizer,
+            "tsignsgd": dataclasses.asdict(c.tsignsgd) if c.optimizer == "tsignsgd" else None,
         }
 
     # ------------------------------------------------------------------------------------- state
@@ -305,7 +328,10 @@ class _Trainer:
         self.params = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
         self._name_of = {id(p): k for k, p in self.params}
         opt = self._optimizer()
-        sched = build_scheduler(opt, self.total_steps, cfg.warmup_ratio, cfg.scheduler)
+        if getattr(opt, "uses_lr", True):
+            sched = build_scheduler(opt, self.total_steps, cfg.warmup_ratio, cfg.scheduler)
+        else:
+            sched = NoSchedule()
 
         start, summary, previous = 0, {}, []
         if env.is_main:
@@ -525,9 +551,10 @@ def _fully_shard(model: nn.Module, env: DistEnv) -> nn.Module:
 
 def _check_fingerprint(saved: dict, current: dict, path: Path) -> None:
     for k in _FINGERPRINT_KEYS:
-        if saved.get(k) != current.get(k):
+        was = saved.get(k, _FINGERPRINT_DEFAULTS.get(k))
+        if was != current.get(k):
             raise ValueError(
-                f"checkpoint {path} was made with {k}={saved.get(k)!r}, this run has {current.get(k)!r}: "
+                f"checkpoint {path} was made with {k}={was!r}, this run has {current.get(k)!r}: "
                 f"set train.resume=false to start over, or use another checkpoint folder"
             )
 

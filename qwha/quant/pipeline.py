@@ -250,7 +250,43 @@ def load_quantized(
     model = AutoModelForCausalLM.from_pretrained(
         str(out_dir), dtype=dtype or torch.float32, device_map=device, quantization_config=override
     )
+    adapter = json.loads((out_dir / "quantize_config.json").read_text()).get("adapter")
+    if adapter:
+        attach_checkpoint_lora(model, out_dir, adapter)
     return eager_dequantize(model).eval()
+
+
+def attach_checkpoint_lora(model: nn.Module, out_dir: Path, adapter: dict) -> None:
+    """Give each quantized layer the GPTQModel LoRA stored in the checkpoint itself.
+
+    A ``quantize_config.json`` entry ``"adapter": {"name": "lora", "path": "", "rank": R}`` means
+    ``<module>.lora_A`` ``[d_in, R]`` / ``.lora_B`` ``[R, d_out]`` live in the model's safetensors (the
+    LoTA-QAF merge writes its fractional zero-point shift this way, :mod:`qwha.adapters.lota_merge`).
+    ``GPTQModel.load`` applies them itself; the transformers/optimum loader drops them, so they are
+    attached here with GPTQModel's own ``Lora`` (computing ``out += (x @ lora_A) @ lora_B``).
+    """
+    from gptqmodel.adapter.adapter import Lora
+    from safetensors import safe_open
+
+    if adapter.get("name") != "lora" or adapter.get("path") not in (None, ""):
+        raise ValueError(
+            f"{out_dir}: quantize_config adapter {adapter!r} is not a LoRA stored in the checkpoint"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(out_dir).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if k.endswith((".lora_A", ".lora_B"))})
+    for name, module in quantized_linears(model).items():
+        if f"{name}.lora_A" not in tensors:
+            raise ValueError(f"{out_dir}: no {name}.lora_A although quantize_config names an adapter")
+        dev = module.qweight.device
+        module.adapter = Lora(rank=int(adapter["rank"]), path="")
+        module.adapter.post_init(
+            weight_key=name,
+            device=dev,
+            lora_A=tensors[f"{name}.lora_A"].to(dev),
+            lora_B=tensors[f"{name}.lora_B"].to(dev),
+        )
 
 
 def eager_dequantize(model: nn.Module) -> nn.Module:

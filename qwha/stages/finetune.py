@@ -7,6 +7,10 @@ accumulation to ``train.effective_batch``, checkpoints every ``train.save_every`
 folder so that a killed run resumes (``train.resume``). Runs unchanged under
 ``torchrun --nproc_per_node N -m qwha stage=finetune ...`` (DDP; ``train.fsdp=true`` for FSDP), once the
 upstream stages are cached. Writes ``adapter/`` (PEFT format) and ``metrics.jsonl``.
+
+``adapter=lota`` trains with t-SignSGD (``train.optimizer=tsignsgd``, its schedule from the adapter
+config; ``train.lr`` and the lr schedule are unused). Those settings are part of the ``init`` key
+(``adapter``), which this stage's key includes.
 """
 
 from __future__ import annotations
@@ -52,15 +56,19 @@ def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
         max_length=int(d.max_length),
         mask_prompt=bool(d.mask_prompt),
     )
+    train_cfg = train_config(cfg)
     log.info(
-        "finetune: %d examples, lr %g, %s steps", len(data), cfg.train.lr, cfg.train.max_steps or "epochs"
+        "finetune: %d examples, %s, %s steps",
+        len(data),
+        f"lr {cfg.train.lr:g}" if train_cfg.get("optimizer", "adamw") == "adamw" else "t-SignSGD",
+        cfg.train.max_steps or "epochs",
     )
     run_name = cfg.train.wandb.name or f"{cfg.model.name}-{cfg.adapter.method}-{cfg.init.method}-b{cfg.bits}"
     metrics = train(
         model,
         tok,
         data,
-        OmegaConf.to_container(cfg.train, resolve=True),
+        train_cfg,
         out,
         seed=int(cfg.seed),
         device=device(cfg),
@@ -72,6 +80,16 @@ def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
     keep = ("first_loss", "final_loss", "steps", "tokens_per_s", "step_time_s", "peak_mem_mb")
     metrics["summary"] = {k: metrics[k] for k in keep if k in metrics}
     return metrics
+
+
+def train_config(cfg: DictConfig) -> dict:
+    """``cfg.train`` as a dict, plus the optimizer that the adapter needs (t-SignSGD for LoTA)."""
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    a = cfg.adapter
+    if a.method == "lota":
+        train["optimizer"] = "tsignsgd"
+        train["tsignsgd"] = {k: float(a[k]) for k in ("keep_start", "keep_mid", "keep_end", "mid_fraction")}
+    return train
 
 
 def _unwrapped(model):

@@ -9,6 +9,10 @@
 3. Report per projection and averaged: output error ``‖ΔW_Q X − ΔW X‖`` (absolute and relative to
    ``‖ΔW_Q X‖``), normalized rank of the update, outlier coverage; plus held-out perplexity of the
    initialized model. Saved as ``report.json`` beside the adapter (PEFT format, ``adapter/``).
+
+LoTA-QAF (``adapter=lota``, ``init=lota``) needs no calibration: its init is a ternarised Kaiming ``A``
+and ``B = 0`` (the initialized model is the quantized model), so it skips steps 1-2 and reports the
+trainable parameter count and the held-out perplexity.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ log = logging.getLogger("qwha.stages.init")
 
 
 def upstream(cfg: DictConfig) -> list[str]:
+    if cfg.adapter.method == "lota":
+        return ["base", "quantize"]
     return ["base", "calib", "quantize"]
 
 
@@ -91,6 +97,8 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     from qwha.quant import load_quantized
 
     a, ini = cfg.adapter, cfg.init
+    if a.method == "lota":
+        return _run_lota(cfg, out, inputs)
     dev = device(cfg)
     targets = list(a.target_modules)
     t0 = time.time()
@@ -174,6 +182,36 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     (out / INIT_REPORT).write_text(
         json.dumps({"summary": summary, "by_projection": _by_projection(report), "layers": report}, indent=2)
     )
+    return {"summary": summary}
+
+
+def _run_lota(cfg: DictConfig, out: Path, inputs: dict) -> dict:
+    from qwha.adapters import attach_adapter, save_adapter
+    from qwha.models import base_model_ref, load_tokenizer, torch_dtype
+    from qwha.quant import load_quantized
+
+    a, dev = cfg.adapter, device(cfg)
+    t0 = time.time()
+    model = load_quantized(
+        inputs["quantize"].path / MODEL_DIR, device=str(dev), dtype=torch_dtype(str(cfg.model.dtype), dev)
+    )
+    model = attach_adapter(
+        model,
+        method="lota",
+        rank=int(a.rank),
+        target_modules=list(a.target_modules),
+        omega=None if a.omega is None else float(a.omega),
+        seed=int(a.seed),
+    )
+    save_adapter(model, out / ADAPTER_DIR)
+    summary: dict = {
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "init_s": round(time.time() - t0, 2),
+    }
+    if cfg.eval.perplexity.enabled:
+        tok = load_tokenizer(base_model_ref(inputs["base"].path))
+        summary["heldout_ppl"] = heldout_perplexity(model, tok, cfg)["ppl"]
+    (out / INIT_REPORT).write_text(json.dumps({"summary": summary}, indent=2))
     return {"summary": summary}
 
 
