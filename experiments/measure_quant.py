@@ -144,9 +144,46 @@ def run_one(
     return row
 
 
+def table(out: Path) -> str:
+    """Markdown table of ``<out>/results.jsonl`` (last row per configuration) with per-layer summaries."""
+    rows: dict[tuple, dict] = {}
+    re_evals: dict[str, dict] = {}
+    for line in (out / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["method"].startswith("ppl:"):  # perplexity re-evaluated on an existing artifact
+            re_evals[r["method"][4:]] = r
+            continue
+        alpha = r.get("magr_alpha") or (1e-5 if r["method"] == "magr_gptq" else None)
+        r["magr_alpha"] = alpha
+        key = (r["method"], r.get("bits"), alpha, r.get("magr_iters"))
+        rows[key] = r
+    for r in rows.values():
+        name = f"{r['method']}_w{r.get('bits')}g{r.get('group_size')}"
+        if name in re_evals:
+            r.update(ppl=re_evals[name]["ppl"], ppl_s=re_evals[name]["ppl_s"])
+    head = (
+        "| method | bits | MagR α | quantize wall (s) | of which MagR (s, summed over modules) | "
+        "peak RSS (MiB) | mean ‖ΔW‖/‖W‖ | mean ‖ΔW X‖/‖WX‖ | perplexity | ppl eval (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    order = {"fp": 0, "rtn": 1, "gptq": 2, "magr_gptq": 3}
+    for key in sorted(rows, key=lambda k: (k[1] or 0, order.get(k[0], 9), k[2] or 0)):
+        r = rows[key]
+        summ = r.get("summary", {})
+        fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+        lines.append(
+            f"| {r['method']} | {fmt(r.get('bits'), 'd')} | {fmt(r.get('magr_alpha'), 'g')} | "
+            f"{fmt(r.get('quant_wall_s'), '.0f')} | {fmt(summ.get('magr_seconds_total'), '.0f')} | "
+            f"{fmt(r.get('peak_rss_mb'), '.0f')} | {fmt(summ.get('mean_rel_dw'), '.3f')} | "
+            f"{fmt(summ.get('mean_rel_dw_x'), '.3f')} | {r['ppl']:.2f} | {r['ppl_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["convert", "run", "ppl", "fp", "all"])
+    p.add_argument("what", choices=["convert", "run", "ppl", "fp", "all", "table"])
     p.add_argument("--method", default="magr_gptq")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
@@ -158,6 +195,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/tmp/mq"))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.what == "table":
+        print(table(a.out))
+        return
     if a.what == "convert":
         t0 = time.perf_counter()
         convert()

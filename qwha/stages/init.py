@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -40,7 +41,8 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 
 def key_config(cfg: DictConfig) -> dict:
-    return {"adapter": cfg.adapter, "init": cfg.init, "seed": cfg.seed}
+    # The report holds the initialized model's held-out perplexity, so its settings are part of the key.
+    return {"adapter": cfg.adapter, "init": cfg.init, "seed": cfg.seed, "perplexity": cfg.eval.perplexity}
 
 
 def _gram_passes(names: list[str], widths: dict[str, int], budget_bytes: float) -> list[list[str]]:
@@ -57,8 +59,36 @@ def _gram_passes(names: list[str], widths: dict[str, int], budget_bytes: float) 
     return passes
 
 
+# Grams of the last full-precision model and calibration sample, kept for the next init in the same
+# process: a sweep over inits, refinement or bits (`make table2`, Hydra's basic launcher runs the jobs
+# one after another in one process) computes them once. The Grams depend on the base model, the
+# calibration sample, the targets and the dtype only (not on bits or the init), and are read-only.
+_GRAM_MEMO: dict[tuple, tuple] = {}
+
+
+def _memo_limit_bytes() -> float:
+    return float(os.environ.get("QWHA_GRAM_MEMO_GB", "4")) * 2**30
+
+
 def full_precision_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
-    """({module name: XXᵀ float64 [d_in, d_in]}, {module name: full-precision W}, tokens)."""
+    """({module name: XXᵀ float64 [d_in, d_in]}, {module name: full-precision W}, tokens).
+
+    Memoised per process for one (base, calib, targets, dtype) when the Grams and weights take at
+    most ``QWHA_GRAM_MEMO_GB`` (default 4) GiB."""
+    memo_key = (inputs["base"].key, inputs["calib"].key, tuple(targets), str(cfg.model.dtype), str(device(cfg)))
+    if memo_key in _GRAM_MEMO:
+        log.info("calibration Grams: reusing the ones computed earlier in this process")
+        return _GRAM_MEMO[memo_key]
+    _GRAM_MEMO.clear()
+    result = _compute_grams(cfg, inputs, targets)
+    grams, weights, _ = result
+    size = sum(t.numel() * t.element_size() for d in (grams, weights) for t in d.values())
+    if size <= _memo_limit_bytes():
+        _GRAM_MEMO[memo_key] = result
+    return result
+
+
+def _compute_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
     from qwha.init import calibration_grams
     from qwha.init.hessian import select_target_modules
     from qwha.models import base_model_ref, load_causal_lm, torch_dtype
