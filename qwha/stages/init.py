@@ -75,7 +75,13 @@ def full_precision_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
 
     Memoised per process for one (base, calib, targets, dtype) when the Grams and weights take at
     most ``QWHA_GRAM_MEMO_GB`` (default 4) GiB."""
-    memo_key = (inputs["base"].key, inputs["calib"].key, tuple(targets), str(cfg.model.dtype), str(device(cfg)))
+    memo_key = (
+        inputs["base"].key,
+        inputs["calib"].key,
+        tuple(targets),
+        str(cfg.model.dtype),
+        str(device(cfg)),
+    )
     if memo_key in _GRAM_MEMO:
         log.info("calibration Grams: reusing the ones computed earlier in this process")
         return _GRAM_MEMO[memo_key]
