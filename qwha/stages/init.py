@@ -45,20 +45,6 @@ def key_config(cfg: DictConfig) -> dict:
     return {"adapter": cfg.adapter, "init": cfg.init, "seed": cfg.seed, "perplexity": cfg.eval.perplexity}
 
 
-def _gram_passes(names: list[str], widths: dict[str, int], budget_bytes: float) -> list[list[str]]:
-    """Split modules (in model order) into passes whose float64 Grams fit ``budget_bytes``."""
-    passes: list[list[str]] = [[]]
-    used = 0.0
-    for name in names:
-        need = 8.0 * widths[name] ** 2
-        if passes[-1] and used + need > budget_bytes:
-            passes.append([])
-            used = 0.0
-        passes[-1].append(name)
-        used += need
-    return passes
-
-
 # Grams of the last full-precision model and calibration sample, kept for the next init in the same
 # process: a sweep over inits, refinement or bits (`make table2`, Hydra's basic launcher runs the jobs
 # one after another in one process) computes them once. The Grams depend on the base model, the
@@ -71,10 +57,14 @@ def _memo_limit_bytes() -> float:
 
 
 def full_precision_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
-    """({module name: XXᵀ float64 [d_in, d_in]}, {module name: full-precision W}, tokens).
+    """Yield ``({module: XXᵀ float64 [d_in, d_in]}, {module: full-precision W}, tokens)`` pass by pass.
 
-    Memoised per process for one (base, calib, targets, dtype) when the Grams and weights take at
-    most ``QWHA_GRAM_MEMO_GB`` (default 4) GiB."""
+    Each pass holds the Grams of consecutive modules that fit ``init.gram_budget_gb`` (an upper bound:
+    shared inputs are counted once per module), so the caller initializes those layers and drops them
+    before the next pass: peak memory is the two models plus one pass of Grams. When one pass covers
+    every module (SmolLM2: ~1 GB) the result is memoised per process for one (base, calib, targets,
+    dtype, device) if the Grams and weights take at most ``QWHA_GRAM_MEMO_GB`` (default 4) GiB.
+    """
     memo_key = (
         inputs["base"].key,
         inputs["calib"].key,
@@ -84,40 +74,44 @@ def full_precision_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
     )
     if memo_key in _GRAM_MEMO:
         log.info("calibration Grams: reusing the ones computed earlier in this process")
-        return _GRAM_MEMO[memo_key]
+        yield _GRAM_MEMO[memo_key]
+        return
     _GRAM_MEMO.clear()
-    result = _compute_grams(cfg, inputs, targets)
+    yield from _compute_grams(cfg, inputs, targets, memo_key)
+
+
+def _remember(memo_key: tuple, result: tuple) -> None:
     grams, weights, _ = result
     size = sum(t.numel() * t.element_size() for d in (grams, weights) for t in d.values())
     if size <= _memo_limit_bytes():
         _GRAM_MEMO[memo_key] = result
-    return result
 
 
-def _compute_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
+def _compute_grams(cfg: DictConfig, inputs: dict, targets: list[str], memo_key: tuple):
     from qwha.init import calibration_grams
-    from qwha.init.hessian import select_target_modules
+    from qwha.init.hessian import plan_gram_passes, select_target_modules
     from qwha.models import base_model_ref, load_causal_lm, torch_dtype
 
     dev = device(cfg)
     fp = load_causal_lm(base_model_ref(inputs["base"].path), torch_dtype(str(cfg.model.dtype), dev), dev)
     calib = load_calibration(inputs["calib"].path)
-    modules = select_target_modules(fp, targets)
-    weights = {name: m.weight.detach().to("cpu", torch.float32).clone() for name, m in modules.items()}
-    widths = {name: m.in_features for name, m in modules.items()}
-    budget = float(cfg.init.gram_budget_gb) * 2**30
-    grams: dict[str, torch.Tensor] = {}
-    passes = _gram_passes(list(modules), widths, budget)
+    n_tokens = int(calib.numel())
+    passes = plan_gram_passes(fp, targets, max_bytes=int(float(cfg.init.gram_budget_gb) * 2**30))
     for i, chunk in enumerate(passes):
         log.info("calibration Grams: pass %d/%d over %d modules", i + 1, len(passes), len(chunk))
         with torch.no_grad():
-            grams.update(
-                calibration_grams(
-                    fp, calib, targets, batch_size=int(cfg.init.batch_size), device=dev, modules=chunk
-                )
+            grams = calibration_grams(
+                fp, calib, targets, batch_size=int(cfg.init.batch_size), device=dev, modules=chunk
             )
-    del fp
-    return grams, weights, int(calib.numel())
+        modules = select_target_modules(fp, targets)
+        weights = {name: modules[name].weight.detach().to("cpu", torch.float32).clone() for name in chunk}
+        del modules
+        result = (grams, weights, n_tokens)
+        if len(passes) == 1:
+            del fp  # nothing left to compute from it
+            _remember(memo_key, result)
+        yield result
+        del grams, weights, result
 
 
 def _rtn_quantizer(bits: int, group_size: int):
@@ -128,7 +122,6 @@ def _rtn_quantizer(bits: int, group_size: int):
 
 def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     from qwha.adapters import adapter_layers, attach_adapter, save_adapter
-    from qwha.init import initialize, layer_error, normalized_rank, outlier_coverage
     from qwha.models import base_model_ref, load_tokenizer, torch_dtype
     from qwha.quant import load_quantized
 
@@ -137,9 +130,6 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
         return _run_lota(cfg, out, inputs)
     dev = device(cfg)
     targets = list(a.target_modules)
-    t0 = time.time()
-    grams, weights, n_tokens = full_precision_grams(cfg, inputs, targets)
-    gram_s = time.time() - t0
 
     model = load_quantized(
         inputs["quantize"].path / MODEL_DIR, device=str(dev), dtype=torch_dtype(str(cfg.model.dtype), dev)
@@ -168,44 +158,27 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     layers = adapter_layers(model)
     quantize_fn = _rtn_quantizer(int(cfg.quant.bits), int(cfg.quant.group_size))
     report: dict[str, dict] = {}
-    t1 = time.time()
-    for name, layer in tqdm(layers.items(), desc=f"init {ini.method}", unit="layer"):
-        w = weights[name].to(dev)
-        w_q = layer.base_weight().to(dev)
-        delta = (w - w_q).double()
-        gram = grams[name].to(dev)
-        kw = {}
-        if ini.kind == "sparse":
-            kw = dict(
-                budget=layer.budget,
-                transform=str(a.transform),
-                transform_out=str(a.transform) if int(a.dims) == 2 else None,
-                refine=bool(ini.refine),
-                temperature=float(ini.temperature),
-                alloc_weight=str(ini.alloc_weight),
-                score=str(ini.score),
+    gram_s = init_s = 0.0
+    bar = tqdm(total=len(layers), desc=f"init {ini.method}", unit="layer")
+    passes = full_precision_grams(cfg, inputs, targets)
+    while True:
+        t0 = time.time()
+        chunk = next(passes, None)
+        gram_s += time.time() - t0
+        if chunk is None:
+            break
+        grams, weights, n_tokens = chunk
+        t1 = time.time()
+        for name in weights:
+            report[name] = _init_layer(
+                cfg, name, layers[name], weights[name], grams[name], n_tokens, quantize_fn
             )
-        else:
-            kw = dict(
-                rank=layer.rank,
-                loftq_iters=int(ini.get("loftq_iters", 1)),
-                weight=w.double(),
-                quantize_fn=quantize_fn,
-            )
-        res = initialize(str(ini.method), delta, gram, seed=int(cfg.seed), **kw)
-        if res["kind"] == "sparse":
-            layer.set_sparse(res["indices"], (res["values"] / layer.scale).float())
-        else:
-            layer.set_lora(res["A"].float(), (res["B"] / layer.scaling).float())
-        update = layer.delta_weight().detach().double().to(dev)
-        row = layer_error(delta, update, gram, n_tokens=n_tokens, weight=w.double())
-        core = layer.sparse_matrix() if res["kind"] == "sparse" else update
-        row["normalized_rank"] = normalized_rank(core.detach())
-        row["outlier_coverage"] = outlier_coverage(delta, update)
-        row["shape"] = list(delta.shape)
-        report[name] = row
-    init_s = time.time() - t1
-    del weights, grams
+            bar.update(1)
+        init_s += time.time() - t1
+        del chunk, grams, weights
+    bar.close()
+    if set(report) != set(layers):
+        raise RuntimeError(f"init: no calibration Gram for {sorted(set(layers) - set(report))[:3]}")
 
     save_adapter(model, out / ADAPTER_DIR)
     tok = load_tokenizer(base_model_ref(inputs["base"].path))
@@ -219,6 +192,47 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
         json.dumps({"summary": summary, "by_projection": _by_projection(report), "layers": report}, indent=2)
     )
     return {"summary": summary}
+
+
+def _init_layer(
+    cfg: DictConfig, name: str, layer, w: torch.Tensor, gram: torch.Tensor, n_tokens: int, quantize_fn
+):
+    """Initialize one adapted layer from ``ΔW_Q = W − W_Q`` and its Gram; return its report row."""
+    from qwha.init import initialize, layer_error, normalized_rank, outlier_coverage
+
+    a, ini, dev = cfg.adapter, cfg.init, device(cfg)
+    w = w.to(dev)
+    delta = (w - layer.base_weight().to(dev)).double()
+    gram = gram.to(dev)
+    if ini.kind == "sparse":
+        kw = dict(
+            budget=layer.budget,
+            transform=str(a.transform),
+            transform_out=str(a.transform) if int(a.dims) == 2 else None,
+            refine=bool(ini.refine),
+            temperature=float(ini.temperature),
+            alloc_weight=str(ini.alloc_weight),
+            score=str(ini.score),
+        )
+    else:
+        kw = dict(
+            rank=layer.rank,
+            loftq_iters=int(ini.get("loftq_iters", 1)),
+            weight=w.double(),
+            quantize_fn=quantize_fn,
+        )
+    res = initialize(str(ini.method), delta, gram, seed=int(cfg.seed), **kw)
+    if res["kind"] == "sparse":
+        layer.set_sparse(res["indices"], (res["values"] / layer.scale).float())
+    else:
+        layer.set_lora(res["A"].float(), (res["B"] / layer.scaling).float())
+    update = layer.delta_weight().detach().double().to(dev)
+    row = layer_error(delta, update, gram, n_tokens=n_tokens, weight=w.double())
+    core = layer.sparse_matrix() if res["kind"] == "sparse" else update
+    row["normalized_rank"] = normalized_rank(core.detach())
+    row["outlier_coverage"] = outlier_coverage(delta, update)
+    row["shape"] = list(delta.shape)
+    return row
 
 
 def _run_lota(cfg: DictConfig, out: Path, inputs: dict) -> dict:
