@@ -44,11 +44,58 @@ def eval_runs(cache: Path, model: str) -> list[dict]:
     return runs
 
 
+def _manifest(cache: Path, stage: str, key: str) -> dict:
+    path = cache / stage / key / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _model_name(base_config: dict) -> str | None:
+    """The `conf/model/<name>.yaml` whose id (and source) the base artifact was built from."""
+    import yaml
+
+    for conf in sorted((Path(__file__).resolve().parent.parent / "conf" / "model").glob("*.yaml")):
+        spec = yaml.safe_load(conf.read_text()) or {}
+        if spec.get("id") == base_config.get("id") and spec.get("source", "hub") == base_config.get(
+            "source", "hub"
+        ):
+            return spec.get("name", conf.stem)
+    return base_config.get("id")
+
+
+def _init_label(init: dict) -> str:
+    name = init.get("method")
+    if name == "adaalloc":
+        reference = init.get("alloc_weight") == "weight" and init.get("score") == "energy"
+        return "qwha_reference" if reference else "qwha"
+    return {"lora_zero": "qlora"}.get(name, name)
+
+
+def init_run_info(cache: Path, info: dict) -> dict:
+    """What an init artifact was run with, from its manifest and its upstream manifests: model, bits,
+    group size, quantizer, init (and refinement), adapter."""
+    cfg, ups = info.get("config", {}), info.get("upstream", {})
+    quant = _manifest(cache, "quantize", ups.get("quantize", "")).get("config", {}).get("quant", {})
+    base = _manifest(cache, "base", ups.get("base", "")).get("config", {})
+    init, adapter = cfg.get("init", {}), cfg.get("adapter", {})
+    return {
+        "model": _model_name(base),
+        "bits": quant.get("bits"),
+        "group_size": quant.get("group_size"),
+        "quant": quant.get("method"),
+        "init": _init_label(init),
+        "refine": init.get("refine"),
+        "temperature": init.get("temperature"),
+        "adapter": adapter.get("method"),
+        "transform": adapter.get("transform"),
+    }
+
+
 def init_runs(cache: Path, model: str) -> list[dict]:
     runs = []
     for path, info in _complete(cache / "init"):
         rep = json.loads((path / "report.json").read_text())
-        if rep.get("run", {}).get("model") == model:
+        rep["run"] = {**init_run_info(cache, info), **rep.get("run", {})}
+        if rep["run"].get("model") == model and "summary" in rep:
             rep["_wall_s"] = info.get("wall_time_s")
             runs.append(rep)
     return runs
@@ -132,8 +179,10 @@ def table2(cache: Path, model: str) -> str:
     for rep in runs:
         run, s = rep["run"], rep["summary"]
         name = run.get("init")
-        paper_key = "adaalloc" if name == "adaalloc" else name
-        if name == "adaalloc" and not run.get("refine"):
+        if run.get("adapter") != "wha" or run.get("transform") != "wht":
+            continue  # Table 2 compares selections on the WHT adapter
+        paper_key = "adaalloc" if name == "qwha" else name
+        if name == "qwha" and not run.get("refine"):
             paper_key = "adaalloc_norefine"
         elif not run.get("refine") and name != "zero":
             paper_key = None

@@ -188,8 +188,23 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     summary["init_s"] = round(init_s, 2)
     if ppl is not None:
         summary["heldout_ppl"] = ppl["ppl"]
+    run = {
+        "model": str(cfg.model.name),
+        "bits": int(cfg.quant.bits),
+        "group_size": int(cfg.quant.group_size),
+        "quant": str(cfg.quant.method),
+        "adapter": str(a.method),
+        "transform": str(a.get("transform", "")) or None,
+        "init_method": str(ini.method),
+        "refine": bool(ini.get("refine", False)),
+        "temperature": float(ini.get("temperature", 1.0)),
+        "method_name": str(cfg.method_name),
+    }
     (out / INIT_REPORT).write_text(
-        json.dumps({"summary": summary, "by_projection": _by_projection(report), "layers": report}, indent=2)
+        json.dumps(
+            {"run": run, "summary": summary, "by_projection": _by_projection(report), "layers": report},
+            indent=2,
+        )
     )
     return {"summary": summary}
 
