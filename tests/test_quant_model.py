@@ -198,3 +198,24 @@ def test_bad_input_fails_before_loading(tmp_path, tiny):
     with pytest.raises(ValueError, match=r"needs a calibration sample"):
         quantize_model(fp, tmp_path / "c", None, method="magr_gptq", bits=4, group_size=32)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_inference_weight_cache_gives_the_same_outputs(tiny):
+    """Loaded models keep each layer's dequantized weight for inference (not in training mode); the
+    cached forward equals the uncached one exactly."""
+    x = tiny["calib"][:2]
+    model = load_quantized(tiny["root"] / "gptq")
+    lins = list(quantized_linears(model).values())
+    with torch.no_grad():
+        first = model(x).logits
+        assert all(m._cached_weights for m in lins)  # filled by the first forward
+        cached = model(x).logits
+        for m in lins:
+            m.enable_weight_cache(False)
+        plain = model(x).logits
+    assert torch.equal(cached, plain) and torch.equal(first, plain)
+    model.train()
+    for m in lins:
+        m.enable_weight_cache(True)
+    model(x)
+    assert not any(m._cached_weights for m in lins)  # training never fills or reads the cache
