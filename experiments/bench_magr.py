@@ -117,47 +117,29 @@ def main() -> None:
         f"{t0 + 200 * per_iter:.1f} s" + ("" if a.big_iters == 200 else " (scaled)")
     )
     if device.type == "cuda":
-        ref32 = t32 = None
-        for three in (False, True):
-            start = time.perf_counter()
-            out = magr(w, g, a.group, a.alpha, a.big_iters, three_tf32=three)
-            sync(device)
-            name = "3xTF32 products" if three else "float32 products (default)"
-            secs = time.perf_counter() - start
-            print(f"{name}: {secs:.2f} s for {a.big_iters} iterations")
-            if three:
-                moved = float((out - ref32).norm() / (ref32 - w).norm())
-                print(f"  ‖Ŵ_3xtf32 − Ŵ_fp32‖ / ‖Ŵ_fp32 − W‖ = {moved:.2e}")
-            else:
-                ref32, t32 = out, secs
-        # A float64 run of the same iteration (torch prox) as the yardstick for both float32 paths.
+        # The three precisions of the one product per iteration, each against a float64 run of the
+        # same iteration (torch prox): distance relative to MagR's own change of the weight.
         w64, g64 = w.double(), g.double() / top_eigenvalue(g).double()
-        step64, wg64 = torch.eye(g.shape[0], device=device, dtype=torch.float64) - g64, w64 @ g64
+        step64 = torch.eye(g.shape[0], device=device, dtype=torch.float64) - g64
         ref64 = w64.clone()
         for _ in range(a.big_iters):
-            v = torch.addmm(wg64, ref64, step64)
+            v = torch.addmm(w64, ref64 - w64, step64)
             ref64 = prox_linf(v.view(v.shape[0], -1, a.group), a.alpha).view_as(v)
         change = (ref64 - w64).norm()
-        three = magr(w, g, a.group, a.alpha, a.big_iters, three_tf32=True)
-        for name, out in (("float32", ref32), ("3xTF32", three)):
-            dist = float((out.double() - ref64).norm() / change)
-            print(f"  ‖Ŵ_{name} − Ŵ_fp64‖ / ‖Ŵ_fp64 − W‖ = {dist:.2e}")
-        # TF32 tensor cores for the one product per iteration: time, and how far the result moves
-        # from the float32 one relative to MagR's own change of the weight.
-        ref = ref32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            start = time.perf_counter()
-            out = magr(w, g, a.group, a.alpha, a.big_iters, three_tf32=False)
+        base = None
+        for mode in ("float32", "tf32", "3xtf32"):
+            magr(w, g, a.group, a.alpha, 2, matmul=mode)  # warm-up
             sync(device)
-            t_tf = time.perf_counter() - start
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = False
-        moved = float((out - ref).norm() / (ref - w).norm())
-        print(
-            f"TF32 matmuls: {t_tf:.2f} s for {a.big_iters} iterations ({t32 / t_tf:.1f}x the float32 speed); "
-            f"‖Ŵ_tf32 − Ŵ_fp32‖ / ‖Ŵ_fp32 − W‖ = {moved:.2e}"
-        )
+            start = time.perf_counter()
+            out = magr(w, g, a.group, a.alpha, a.big_iters, matmul=mode)
+            sync(device)
+            secs = time.perf_counter() - start
+            base = base or secs
+            dist = float((out.double() - ref64).norm() / change)
+            print(
+                f"matmul={mode:8s} {secs:6.2f} s for {a.big_iters} iterations ({base / secs:4.1f}x float32); "
+                f"‖Ŵ − Ŵ_fp64‖ / ‖Ŵ_fp64 − W‖ = {dist:.2e}"
+            )
 
 
 if __name__ == "__main__":

@@ -196,13 +196,15 @@ def test_split_tf32_parts():
     assert bool((lo.abs() <= x.abs() * 2.0**-10).all())
 
 
-def test_three_tf32_path_equals_float32_on_cpu():
-    """The split-product loop (the CUDA default) computes the same iteration: on CPU, where the products
-    are plain float32, it agrees with the one-product loop to float32 rounding."""
+def test_every_matmul_mode_computes_the_same_iteration_on_cpu():
+    """The product modes (TF32 ones are for CUDA) compute the same iteration: on CPU, where every
+    product is plain float32, they agree to float32 rounding; an unknown mode is refused."""
     w, x = _layer(4, d_out=32, d_in=128, tokens=512)
     g = x.T @ x
-    one = magr(w, g, 32, alpha=1e-4, iters=20, three_tf32=False)
-    three = magr(w, g, 32, alpha=1e-4, iters=20, three_tf32=True)
+    one = magr(w, g, 32, alpha=1e-4, iters=20, matmul="float32")
     assert (one - w).abs().max() > 1e-3  # MagR moved the weight by far more than the tolerance
-    # The split products sum in another order: ~1 ulp of |v| ≈ 0.2 per iteration, over 20 iterations.
-    torch.testing.assert_close(three, one, atol=5e-6, rtol=0)
+    for mode in ("auto", "tf32", "3xtf32"):
+        # Split products sum in another order: ~1 ulp of |v| ≈ 0.2 per iteration, over 20 iterations.
+        torch.testing.assert_close(magr(w, g, 32, alpha=1e-4, iters=20, matmul=mode), one, atol=5e-6, rtol=0)
+    with pytest.raises(ValueError, match="matmul='bf16': allowed values are auto, float32, tf32, 3xtf32"):
+        magr(w, g, 32, matmul="bf16")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["magr", "project_l1_ball", "prox_linf", "split_tf32", "top_eigenvalue"]
+__all__ = ["MATMUL_MODES", "magr", "project_l1_ball", "prox_linf", "split_tf32", "top_eigenvalue"]
 
 
 def project_l1_ball(v: Tensor, radius: float | Tensor = 1.0) -> Tensor:
@@ -110,23 +110,29 @@ def top_eigenvalue(xtx: Tensor, iters: int = 64) -> Tensor:
 
 def split_tf32(x: Tensor) -> tuple[Tensor, Tensor]:
     """``x = hi + lo`` with ``hi`` exactly representable in TF32 (10 mantissa bits) and ``lo`` the float32
-    remainder, for products at TF32 tensor-core speed with float32 accuracy (``hi·hi + hi·lo + lo·hi``;
-    the dropped ``lo·lo`` and TF32's rounding of ``lo`` are ~2⁻²² relative)."""
+    remainder, for products at TF32 tensor-core speed with ~2⁻²¹ relative accuracy (``hi·hi + hi·lo +
+    lo·hi``; the dropped ``lo·lo`` and TF32's rounding of ``lo`` are what remains)."""
     x = x.contiguous().to(torch.float32)
     hi = (x.view(torch.int32) & -8192).view(torch.float32)  # clear the 13 low mantissa bits
     return hi, x - hi
 
 
-def _matmul_3xtf32(a: Tensor, b_hi: Tensor, b_lo: Tensor, bias: Tensor) -> Tensor:
-    a_hi, a_lo = split_tf32(a)
+MATMUL_MODES = ("auto", "float32", "tf32", "3xtf32")
+
+
+def _product(a: Tensor, b: Tensor | tuple[Tensor, Tensor], mode: str, bias: Tensor) -> Tensor:
+    """``bias + a @ b`` in float32, TF32 (one tensor-core product) or 3xTF32 (``b`` pre-split)."""
+    if mode == "float32":
+        return torch.addmm(bias, a, b)
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        out = torch.addmm(bias, a_hi, b_hi)
-        out.addmm_(a_hi, b_lo).addmm_(a_lo, b_hi)
+        if mode == "tf32":
+            return torch.addmm(bias, a, b)
+        (b_hi, b_lo), (a_hi, a_lo) = b, split_tf32(a)
+        return torch.addmm(bias, a_hi, b_hi).addmm_(a_hi, b_lo).addmm_(a_lo, b_hi)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    return out
 
 
 @torch.no_grad()
@@ -137,7 +143,7 @@ def magr(
     alpha: float = 1e-5,
     iters: int = 200,
     *,
-    three_tf32: bool = False,
+    matmul: str = "auto",
 ) -> Tensor:
     """MagR-preprocessed weight: group-wise ℓ∞ proximal gradient, all channels and groups at once.
 
@@ -150,11 +156,13 @@ def magr(
         alpha: ℓ∞ penalty per group in the normalised objective (paper: 1e-5 per group, 1e-3 per
             channel).
         iters: proximal-gradient iterations (paper: 200).
-        three_tf32: compute the per-iteration product as three TF32 tensor-core products on split
-            operands (see :func:`split_tf32`); CUDA only pays. Off by default: on an H100 it halves
-            the 200 iterations on a 3072×8192 layer (1.67 s → 0.78 s) but the result sits 0.33·‖Ŵ − W‖
-            from the float32 one, and plain TF32 (0.29 s) 1.05·‖Ŵ − W‖ away
-            (``experiments/bench_magr.py --device cuda``; results in experiments/results/quantize.md).
+        matmul: precision of the one product per iteration: ``float32``, ``tf32`` (CUDA tensor cores,
+            10-bit operands) or ``3xtf32`` (three TF32 products on split operands); ``auto``: 3xTF32
+            on CUDA, float32 elsewhere. The product is taken on the change ``D = Ŵ − W``, not on
+            ``Ŵ``, so its rounding error scales with MagR's (small) change of the weight. On an H100,
+            200 iterations on a 3072×8192 layer, distance to a float64 run relative to ‖Ŵ − W‖:
+            float32 1.68 s / 2e-4, 3xTF32 0.79 s / 1.7e-3, TF32 0.30 s / 1.7e-2
+            (experiments/results/gpu.md).
 
     Returns:
         ``Ŵ`` ``[d_out, d_in]`` in float32 on ``weight``'s device.
@@ -169,19 +177,23 @@ def magr(
         raise ValueError(f"quant.group_size={group_size} must divide d_in={d_in}")
     if iters < 0:
         raise ValueError(f"quant.magr_iters={iters}: must be >= 0")
+    if matmul not in MATMUL_MODES:
+        raise ValueError(f"magr: matmul={matmul!r}: allowed values are {', '.join(MATMUL_MODES)}")
     w = weight.detach().to(torch.float32)
     gram = xtx.detach().to(device=w.device, dtype=torch.float32)
     lam = top_eigenvalue(gram)
     if not torch.isfinite(lam) or lam <= 0:
         return w.clone()
     gram = gram / lam
-    # Ŵ − (Ŵ − W)G = Ŵ(I − G) + WG: one fused addmm per iteration with WG computed once.
+    # Ŵ − (Ŵ − W)G = W + D(I − G) with D = Ŵ − W: one fused addmm per iteration. Taking the product
+    # on D (small: MagR moves few weights, by little) rather than on Ŵ keeps its rounding error
+    # proportional to the change itself.
     step = torch.eye(d_in, device=w.device, dtype=torch.float32) - gram
-    wg = w @ gram
+    if matmul == "auto":
+        matmul = "3xtf32" if w.is_cuda else "float32"
+    operand = split_tf32(step) if matmul == "3xtf32" else step
     w_hat = w.clone()
-    if three_tf32:
-        step_hi, step_lo = split_tf32(step)
     for _ in range(iters):
-        v = _matmul_3xtf32(w_hat, step_hi, step_lo, wg) if three_tf32 else torch.addmm(wg, w_hat, step)
+        v = _product(w_hat - w, operand, matmul, w)
         w_hat = prox_linf(v.view(d_out, d_in // g, g), alpha).view(d_out, d_in)
     return w_hat
