@@ -410,3 +410,12 @@ def test_finetune_stage_selects_tsignsgd():
     )
     assert TrainConfig.from_mapping(train_config(compose())).optimizer == "adamw"
     assert math.isclose(keep_fraction(0, 10, cfg.tsignsgd.keep_start), 0.05)
+
+
+def test_float_layers_are_refused_with_a_clear_error():
+    from torch import nn
+
+    from qwha.adapters.lota import LoTALinear
+
+    with pytest.raises(TypeError, match="LoTA adapts GPTQModel quantized layers, got Linear"):
+        LoTALinear(nn.Linear(64, 32), r=4)
