@@ -18,6 +18,7 @@ def _inputs(calib_key: str) -> dict:
 
 
 def test_grams_reused_across_inits_and_recomputed_for_new_calibration(monkeypatch):
+    monkeypatch.setattr(init_stage, "_in_sweep", lambda: True)
     calls = []
 
     def fake(cfg, inputs, targets, memo_key):
@@ -37,8 +38,12 @@ def test_grams_reused_across_inits_and_recomputed_for_new_calibration(monkeypatc
     assert calls == ["c1", "c2", "c2"]  # a new sample or target list recomputes
 
 
-def test_memo_skipped_above_size_limit(monkeypatch):
+def test_memo_skipped_above_size_limit_and_outside_sweeps(monkeypatch):
     monkeypatch.setattr(init_stage, "_GRAM_MEMO", {})
+    result = ({"m": torch.ones(16, 16, dtype=torch.float64)}, {}, 8)
+    init_stage._remember(("k",), result)
+    assert init_stage._GRAM_MEMO == {}  # a single run (no Hydra multirun) keeps nothing
+    monkeypatch.setattr(init_stage, "_in_sweep", lambda: True)
     monkeypatch.setenv("QWHA_GRAM_MEMO_GB", str(1000 / 2**30))  # 1000 bytes < 16·16·8
     init_stage._remember(("k",), ({"m": torch.ones(16, 16, dtype=torch.float64)}, {}, 8))
     assert init_stage._GRAM_MEMO == {}
@@ -63,6 +68,7 @@ def _tiny_sources(monkeypatch):
 
 def test_passes_under_a_small_budget_give_the_one_pass_grams(monkeypatch):
     _tiny_sources(monkeypatch)
+    monkeypatch.setattr(init_stage, "_in_sweep", lambda: True)
     inputs = _inputs("c1")
     inputs["calib"].path = "unused"
     one = list(init_stage.full_precision_grams(compose("device=cpu"), inputs, TARGETS))

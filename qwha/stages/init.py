@@ -62,8 +62,9 @@ def full_precision_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
     Each pass holds the Grams of consecutive modules that fit ``init.gram_budget_gb`` (an upper bound:
     shared inputs are counted once per module), so the caller initializes those layers and drops them
     before the next pass: peak memory is the two models plus one pass of Grams. When one pass covers
-    every module (SmolLM2: ~1 GB) the result is memoised per process for one (base, calib, targets,
-    dtype, device) if the Grams and weights take at most ``QWHA_GRAM_MEMO_GB`` (default 4) GiB.
+    every module (SmolLM2: ~1 GB) and the process runs a Hydra multirun, the result is memoised for one
+    (base, calib, targets, dtype, device) if the Grams and weights take at most ``QWHA_GRAM_MEMO_GB``
+    (default 4) GiB.
     """
     memo_key = (
         inputs["base"].key,
@@ -80,7 +81,21 @@ def full_precision_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
     yield from _compute_grams(cfg, inputs, targets, memo_key)
 
 
+def _in_sweep() -> bool:
+    """Whether this process runs a Hydra multirun (where the next job may reuse the Grams)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):
+        return False
+
+
 def _remember(memo_key: tuple, result: tuple) -> None:
+    # Only a sweep reuses them; a single run would carry ~1.2 GB (SmolLM2) through its perplexity pass.
+    if not _in_sweep():
+        return
     grams, weights, _ = result
     size = sum(t.numel() * t.element_size() for d in (grams, weights) for t in d.values())
     if size <= _memo_limit_bytes():
