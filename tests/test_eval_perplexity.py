@@ -101,3 +101,19 @@ def test_max_tokens_and_errors(model, tok) -> None:
         perplexity(model, tok, TEXT, window=1, stride=1)
     with pytest.raises(ValueError, match="2 tokens"):
         perplexity(model, tok, "a", window=16, stride=4)
+
+
+def test_token_nll_in_chunks_equals_float64_log_softmax() -> None:
+    from qwha.eval.perplexity import token_nll
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 11, 7, generator=gen).to(torch.bfloat16)
+    ids = torch.randint(0, 7, (2, 11), generator=gen)
+    want = -torch.log_softmax(logits.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    for chunk in (1, 3, 10, 256):  # chunk boundaries inside, at and past the sequence end
+        got = token_nll(logits, ids, chunk=chunk)
+        assert got.dtype == torch.float32 and got.shape == (2, 10)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    exact = token_nll(logits.double(), ids, chunk=4)
+    assert exact.dtype == torch.float64
+    torch.testing.assert_close(exact, want, rtol=1e-13, atol=1e-13)

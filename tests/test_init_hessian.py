@@ -94,3 +94,42 @@ def test_plan_gram_passes(tiny_llama):
     assert all(sum(sizes[n] for n in g) <= 3 * 8192 or len(g) == 1 for g in groups)
     assert groups[0] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
     assert len(plan_gram_passes(tiny_llama, TARGETS, max_bytes=10**9)) == 1
+
+
+def test_blockwise_grams_equal_the_whole_model_pass(tiny_llama):
+    from qwha.init.hessian import blockwise_grams
+
+    calib = torch.randint(0, 97, (5, 9), generator=torch.Generator().manual_seed(3))
+    want = calibration_grams(tiny_llama, calib, TARGETS, batch_size=2)
+    blocks = list(blockwise_grams(tiny_llama, calib, TARGETS, batch_size=2))
+    assert [sorted({n.split(".")[2] for n in b}) for b in blocks] == [["0"], ["1"]]  # one block each
+    got = {n: g for b in blocks for n, g in b.items()}
+    assert set(got) == set(want)
+    for name, g in got.items():
+        assert torch.equal(g, want[name]), name  # same operations in the same order: bitwise equal
+    # shared inputs still share one accumulator within a block
+    assert got["model.layers.1.self_attn.q_proj"] is got["model.layers.1.self_attn.v_proj"]
+    assert tiny_llama.training is False
+
+
+def test_blockwise_grams_skip_blocks_without_targets_and_refuse_outside_targets(tiny_llama):
+    from qwha.init.hessian import blockwise_grams
+
+    calib = torch.randint(0, 97, (3, 7), generator=torch.Generator().manual_seed(4))
+    want = calibration_grams(tiny_llama, calib, ["layers.1.mlp.down_proj"])
+    (only,) = list(blockwise_grams(tiny_llama, calib, ["layers.1.mlp.down_proj"]))
+    assert list(only) == ["model.layers.1.mlp.down_proj"]
+    assert torch.equal(only["model.layers.1.mlp.down_proj"], want["model.layers.1.mlp.down_proj"])
+    with pytest.raises(ValueError, match="lm_head is not inside a decoder block"):
+        list(blockwise_grams(tiny_llama, calib, ["lm_head"]))
+
+
+def test_decoder_blocks_refuse_mixed_attention_types(tiny_llama):
+    from qwha.init.hessian import decoder_blocks
+
+    assert decoder_blocks(tiny_llama) is tiny_llama.model.layers
+    tiny_llama.config.layer_types = ["sliding_attention", "full_attention"]
+    try:
+        assert decoder_blocks(tiny_llama) is None
+    finally:
+        del tiny_llama.config.layer_types

@@ -219,3 +219,7 @@ def test_inference_weight_cache_gives_the_same_outputs(tiny):
         m.enable_weight_cache(True)
     model(x)
     assert not any(m._cached_weights for m in lins)  # training never fills or reads the cache
+    off = load_quantized(tiny["root"] / "gptq", weight_cache=False)  # the init and quantize stages
+    with torch.no_grad():
+        assert torch.equal(off(x).logits, plain)
+    assert not any(m._cached_weights for m in quantized_linears(off).values())

@@ -15,16 +15,29 @@ the last input it saw; when the next hooked module receives that very tensor obj
 object, unchanged version counter) it reuses the Gram of that batch and, after the first batch,
 shares the accumulator itself, so those modules' entries in the returned dict are one tensor.
 Detection is by tensor identity at run time, never by module names.
+
+Block by block (`blockwise_grams`): the inputs of the first decoder block are captured once, then each
+block runs on its own over the calibration sample and hands its outputs to the next, so only one
+block's Grams (and the hidden states of the sample) are held at a time: one forward's worth of
+compute, like `calibration_grams`, with the same float operations in the same order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["damped_gram", "gram_factor", "calibration_grams", "plan_gram_passes", "select_target_modules"]
+__all__ = [
+    "blockwise_grams",
+    "calibration_grams",
+    "damped_gram",
+    "decoder_blocks",
+    "gram_factor",
+    "plan_gram_passes",
+    "select_target_modules",
+]
 
 DEFAULT_REL_DAMP = 1e-4
 
@@ -251,3 +264,115 @@ def plan_gram_passes(model: nn.Module, target_modules: Iterable[str], max_bytes:
         groups[-1].append(name)
         used += size
     return groups
+
+
+class _BlockInputsCaptured(Exception):
+    """Raised by the capture hook to stop the forward at the first decoder block."""
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The stack of decoder blocks of a transformers causal LM, if each block can run on its own.
+
+    That is ``model.get_decoder().layers`` (Llama, Mistral, Qwen, Gemma, Phi-3, ...) when every block
+    gets the same attention mask: models mixing attention types (``config.layer_types`` with both
+    sliding-window and full layers) pass each block its own mask, so they return ``None`` and the
+    caller falls back to whole-model passes.
+    """
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    blocks = getattr(decoder, "layers", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        return None
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+    if layer_types is not None and len(set(layer_types)) > 1:
+        return None
+    if len({getattr(b, "attention_type", None) for b in blocks}) > 1:
+        return None
+    return blocks
+
+
+def blockwise_grams(
+    model: nn.Module,
+    calib: Tensor,
+    target_modules: Iterable[str],
+    *,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    product_dtype: torch.dtype = torch.float64,
+    store_device: torch.device | str = "cpu",
+) -> Iterator[dict[str, Tensor]]:
+    """`calibration_grams`, one decoder block at a time: yield each block's `{module: X Xᵀ}`.
+
+    The first block's inputs (hidden states and the keyword arguments the decoder passes, such as
+    rotary embeddings and the mask) are captured per batch; then block `i` runs over every batch,
+    its targets' Grams are yielded, and its outputs become block `i + 1`'s inputs. Memory: the
+    calibration hidden states (`tokens · hidden` in the model's dtype) plus one block's Grams.
+    Blocks without a target still run (their outputs feed the next block) but yield nothing.
+
+    Raises:
+        ValueError: the model has no uniform stack of decoder blocks (see `decoder_blocks`), or a
+            target module lies outside the blocks; use `calibration_grams` for such models.
+    """
+    if calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"calib: expected token ids LongTensor [n, L], got {calib.dtype} {tuple(calib.shape)}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    blocks = decoder_blocks(model)
+    if blocks is None:
+        raise ValueError("blockwise_grams: the model has no uniform stack of decoder blocks")
+    hooked = select_target_modules(model, target_modules)
+    per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
+    owner = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    for name, module in hooked.items():
+        if id(module) not in owner:
+            raise ValueError(f"blockwise_grams: target {name} is not inside a decoder block")
+        per_block[owner[id(module)]][name] = module
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            states = _capture_block_inputs(model, blocks[0], calib, batch_size, device)
+            for i, block in enumerate(blocks):
+                acc = _GramAccumulator(per_block[i], product_dtype, torch.device(store_device))
+                with acc:
+                    for j, (hidden, args, kwargs) in enumerate(states):
+                        out = block(hidden, *args, **kwargs)
+                        acc._forget()
+                        states[j] = (out[0] if isinstance(out, tuple) else out, args, kwargs)
+                if per_block[i]:
+                    missing = [m for m in per_block[i] if m not in acc.grams]
+                    if missing:
+                        raise RuntimeError(f"blockwise_grams: no input reached {missing[:3]}")
+                    yield dict(acc.grams)
+                del acc
+    finally:
+        model.train(was_training)
+
+
+def _capture_block_inputs(model, first_block, calib, batch_size, device) -> list[tuple[Tensor, tuple, dict]]:
+    """Per calibration batch, the `(hidden_states, other args, kwargs)` the first block receives."""
+    captured: list[tuple[Tensor, tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, tuple(args[1:]), kwargs))
+        raise _BlockInputsCaptured
+
+    decoder = model.get_decoder()
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            batch = calib[start : start + batch_size].to(device=device, dtype=torch.long)
+            try:
+                decoder(input_ids=batch, use_cache=False)
+            except _BlockInputsCaptured:
+                pass
+            else:
+                raise RuntimeError("blockwise_grams: the decoder never called its first block")
+    finally:
+        handle.remove()
+    return captured

@@ -57,14 +57,15 @@ def _memo_limit_bytes() -> float:
 
 
 def full_precision_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
-    """Yield ``({module: XXᵀ float64 [d_in, d_in]}, {module: full-precision W}, tokens)`` pass by pass.
+    """Yield ``({module: XXᵀ float64 [d_in, d_in]}, {module: full-precision W}, tokens)`` in chunks.
 
-    Each pass holds the Grams of consecutive modules that fit ``init.gram_budget_gb`` (an upper bound:
-    shared inputs are counted once per module), so the caller initializes those layers and drops them
-    before the next pass: peak memory is the two models plus one pass of Grams. When one pass covers
-    every module (SmolLM2: ~1 GB) and the process runs a Hydra multirun, the result is memoised for one
-    (base, calib, targets, dtype, device) if the Grams and weights take at most ``QWHA_GRAM_MEMO_GB``
-    (default 4) GiB.
+    A chunk is one decoder block when the model's blocks can run on their own (``decoder_blocks``:
+    Llama, Qwen, Mistral, ...): the calibration hidden states go through the blocks one after another,
+    so only one block's Grams are held while the caller initializes that block's layers. Other
+    models fall back to passes over the whole model, each holding the Grams of consecutive modules
+    that fit ``init.gram_budget_gb``. Inside a Hydra multirun the Grams and weights of the whole
+    model are memoised for one (base, calib, targets, dtype, device) if they take at most
+    ``QWHA_GRAM_MEMO_GB`` (default 4) GiB, so a sweep over inits computes them once.
     """
     memo_key = (
         inputs["base"].key,
@@ -78,7 +79,19 @@ def full_precision_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
         yield _GRAM_MEMO[memo_key]
         return
     _GRAM_MEMO.clear()
-    yield from _compute_grams(cfg, inputs, targets, memo_key)
+    keep = _in_sweep()
+    kept_grams: dict = {}
+    kept_weights: dict = {}
+    n_tokens = 0
+    for grams, weights, n_tokens in _compute_grams(cfg, inputs, targets, memo_key):
+        if keep:
+            kept_grams.update(grams)
+            kept_weights.update(weights)
+            if not _fits_memo(kept_grams, kept_weights):
+                keep, kept_grams, kept_weights = False, {}, {}
+        yield grams, weights, n_tokens
+    if keep:
+        _GRAM_MEMO[memo_key] = (kept_grams, kept_weights, n_tokens)
 
 
 def _in_sweep() -> bool:
@@ -92,41 +105,40 @@ def _in_sweep() -> bool:
         return False
 
 
-def _remember(memo_key: tuple, result: tuple) -> None:
-    # Only a sweep reuses them; a single run would carry ~1.2 GB (SmolLM2) through its perplexity pass.
-    if not _in_sweep():
-        return
-    grams, weights, _ = result
-    size = sum(t.numel() * t.element_size() for d in (grams, weights) for t in d.values())
-    if size <= _memo_limit_bytes():
-        _GRAM_MEMO[memo_key] = result
+def _fits_memo(grams: dict, weights: dict) -> bool:
+    # Shared inputs (q/k/v) share one Gram tensor: count each tensor once.
+    tensors = {id(t): t for d in (grams, weights) for t in d.values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) <= _memo_limit_bytes()
 
 
 def _compute_grams(cfg: DictConfig, inputs: dict, targets: list[str], memo_key: tuple):
     from qwha.init import calibration_grams
-    from qwha.init.hessian import plan_gram_passes, select_target_modules
+    from qwha.init.hessian import blockwise_grams, decoder_blocks, plan_gram_passes, select_target_modules
     from qwha.models import base_model_ref, load_causal_lm, torch_dtype
 
     dev = device(cfg)
     fp = load_causal_lm(base_model_ref(inputs["base"].path), torch_dtype(str(cfg.model.dtype), dev), dev)
     calib = load_calibration(inputs["calib"].path)
     n_tokens = int(calib.numel())
+    modules = select_target_modules(fp, targets)
+    batch_size = int(cfg.init.batch_size)
+
+    def weights_of(names):
+        # Views of the model's weights when it is float32 on the CPU (no copy); the caller only reads.
+        return {name: modules[name].weight.detach().to("cpu", torch.float32) for name in names}
+
+    if decoder_blocks(fp) is not None:
+        log.info("calibration Grams: block by block over %d calibration tokens", n_tokens)
+        for grams in blockwise_grams(fp, calib, targets, batch_size=batch_size, device=dev):
+            yield grams, weights_of(grams), n_tokens
+        return
     passes = plan_gram_passes(fp, targets, max_bytes=int(float(cfg.init.gram_budget_gb) * 2**30))
     for i, chunk in enumerate(passes):
         log.info("calibration Grams: pass %d/%d over %d modules", i + 1, len(passes), len(chunk))
         with torch.no_grad():
-            grams = calibration_grams(
-                fp, calib, targets, batch_size=int(cfg.init.batch_size), device=dev, modules=chunk
-            )
-        modules = select_target_modules(fp, targets)
-        weights = {name: modules[name].weight.detach().to("cpu", torch.float32).clone() for name in chunk}
-        del modules
-        result = (grams, weights, n_tokens)
-        if len(passes) == 1:
-            del fp  # nothing left to compute from it
-            _remember(memo_key, result)
-        yield result
-        del grams, weights, result
+            grams = calibration_grams(fp, calib, targets, batch_size=batch_size, device=dev, modules=chunk)
+        yield grams, weights_of(chunk), n_tokens
+        del grams
 
 
 def _rtn_quantizer(bits: int, group_size: int):
@@ -146,8 +158,13 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     dev = device(cfg)
     targets = list(a.target_modules)
 
+    # No dequantized-weight cache: the init reads each W_Q once and the perplexity pass scores a few
+    # long windows, so the cache would only add a float32 copy of the model (0.4 GB for SmolLM2).
     model = load_quantized(
-        inputs["quantize"].path / MODEL_DIR, device=str(dev), dtype=torch_dtype(str(cfg.model.dtype), dev)
+        inputs["quantize"].path / MODEL_DIR,
+        device=str(dev),
+        dtype=torch_dtype(str(cfg.model.dtype), dev),
+        weight_cache=False,
     )
     if a.method == "wha":
         model = attach_adapter(
@@ -272,8 +289,13 @@ def _run_lota(cfg: DictConfig, out: Path, inputs: dict) -> dict:
 
     a, dev = cfg.adapter, device(cfg)
     t0 = time.time()
+    # No dequantized-weight cache: the init reads each W_Q once and the perplexity pass scores a few
+    # long windows, so the cache would only add a float32 copy of the model (0.4 GB for SmolLM2).
     model = load_quantized(
-        inputs["quantize"].path / MODEL_DIR, device=str(dev), dtype=torch_dtype(str(cfg.model.dtype), dev)
+        inputs["quantize"].path / MODEL_DIR,
+        device=str(dev),
+        dtype=torch_dtype(str(cfg.model.dtype), dev),
+        weight_cache=False,
     )
     model = attach_adapter(
         model,

@@ -55,7 +55,9 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     (out / QUANT_INFO).write_text(
         json.dumps({"method": q.method, "bits": q.bits, "group_size": q.group_size})
     )
-    model = load_quantized(out / MODEL_DIR, device=str(dev), dtype=torch_dtype(str(cfg.model.dtype), dev))
+    model = load_quantized(
+        out / MODEL_DIR, device=str(dev), dtype=torch_dtype(str(cfg.model.dtype), dev), weight_cache=False
+    )
     ppl = heldout_perplexity(model, tok, cfg)
     metrics["heldout_ppl"] = ppl["ppl"]
     metrics["heldout_tokens"] = ppl["tokens"]
