@@ -203,12 +203,7 @@ def calibration_grams(
     Returns:
         `{module name: G [d_in, d_in] float64}`; entries of modules sharing an input are one tensor.
     """
-    if calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            f"calib: expected token ids LongTensor [n, L], got {calib.dtype} {tuple(calib.shape)}"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    _check_calibration(calib, batch_size)
     hooked = select_target_modules(model, target_modules)
     if modules is not None:
         wanted = list(modules)
@@ -239,6 +234,15 @@ def calibration_grams(
     if missing:
         raise RuntimeError(f"calibration_grams: no input reached {missing[:3]}...")
     return dict(acc.grams)
+
+
+def _check_calibration(calib: Tensor, batch_size: int) -> None:
+    if calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"calib: expected token ids LongTensor [n, L], got {calib.dtype} {tuple(calib.shape)}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
 
 
 def _contains(root: nn.Module, module: nn.Module) -> bool:
@@ -312,12 +316,7 @@ def blockwise_grams(
         ValueError: the model has no uniform stack of decoder blocks (see `decoder_blocks`), or a
             target module lies outside the blocks; use `calibration_grams` for such models.
     """
-    if calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            f"calib: expected token ids LongTensor [n, L], got {calib.dtype} {tuple(calib.shape)}"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    _check_calibration(calib, batch_size)
     blocks = decoder_blocks(model)
     if blocks is None:
         raise ValueError("blockwise_grams: the model has no uniform stack of decoder blocks")
