@@ -117,3 +117,37 @@ def test_token_nll_in_chunks_equals_float64_log_softmax() -> None:
     exact = token_nll(logits.double(), ids, chunk=4)
     assert exact.dtype == torch.float64
     torch.testing.assert_close(exact, want, rtol=1e-13, atol=1e-13)
+
+
+def test_window_nll_without_full_logits_equals_the_logits_path(model) -> None:
+    from qwha.eval.perplexity import token_nll, window_nll
+
+    assert model.config.model_type == "llama"  # the chunked-head path
+    ids = torch.randint(0, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = token_nll(model(input_ids=ids).logits, ids)
+        for chunk in (1, 5, 22, 64):
+            torch.testing.assert_close(window_nll(model, ids, chunk=chunk), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["wha", "lora"])
+def test_window_nll_through_adapter_wrappers(method: str) -> None:
+    """WHA adapts the modules in place; LoRA returns a PEFT wrapper: both reach the decoder and head."""
+    from qwha.adapters import attach_adapter
+    from qwha.eval.perplexity import token_nll, window_nll
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config(vocab_size=97)).double().eval()
+    model = attach_adapter(base, method=method, rank=4, target_modules=["q_proj", "down_proj"])
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)  # a non-zero update, so the adapter path matters
+    model.eval()
+    ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            window_nll(model, ids, chunk=4),
+            token_nll(model(input_ids=ids).logits, ids),
+            rtol=1e-12,
+            atol=1e-12,
+        )

@@ -61,6 +61,35 @@ def token_nll(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 256) -> torc
     return out
 
 
+# Model types whose logits are exactly ``lm_head(decoder(ids).last_hidden_state)``: no logit scaling or
+# soft-capping (Gemma, Cohere, Granite, ... have one and take the full-logits path).
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+
+
+def window_nll(model: Any, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Per-token NLL ``[B, L-1]`` of ``ids [B, L]`` under ``model``.
+
+    For the plain-head model types (``PLAIN_HEAD_MODEL_TYPES``) the decoder runs once and the output
+    embedding is applied ``chunk`` positions at a time, so the ``[B, L, V]`` logits never exist (0.4 GB
+    per 2048-token window of a 49k-vocabulary model in float32). Other models return full logits.
+    """
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or head is None or decoder is None:
+        return token_nll(model(input_ids=ids).logits, ids)
+    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [B, L, hidden]
+    b, length = ids.shape
+    out = None
+    for start in range(0, length - 1, chunk):
+        end = min(start + chunk, length - 1)
+        part = token_nll(head(hidden[:, start : end + 1]), ids[:, start : end + 1])  # [B, end - start]
+        if out is None:
+            out = torch.empty(b, length - 1, dtype=part.dtype, device=part.device)
+        out[:, start:end] = part
+    return out
+
+
 @torch.no_grad()
 def perplexity(
     model: Any,
@@ -113,7 +142,7 @@ def perplexity(
     try:
         for batch in tqdm(batches, desc="perplexity", unit="batch"):
             x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # [B, L]
-            nll = token_nll(model(input_ids=x).logits, x)  # [B, L-1]
+            nll = window_nll(model, x)  # [B, L-1]
             length = x.shape[1]
             n_new = torch.tensor([n for _, _, n in batch], device=device)  # [B]
             pos = torch.arange(1, length, device=device)  # target positions
