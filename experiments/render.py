@@ -1,6 +1,7 @@
 """Render the paper's tables from cached runs, with the published numbers beside ours.
 
     python experiments/render.py table3 [--model smollm2-135m] [--cache .cache/qwha] [--out DIR]
+    python experiments/render.py fig_rank                       # markdown + fig_rank_<model>.png
 
 Reads every complete `eval` artifact (`results.json`) and `init` artifact (`report.json`) in the cache,
 keeps those of the requested model, and writes `<out>/<table>_<model>.md` (and a PNG for the figures).
@@ -22,6 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import published  # noqa: E402
 
 TABLES = ("table2", "table3", "table4", "table5", "table13", "table14")
+FIGURES = ("fig_rank",)
+# Tables 2/6/7 compare selections at one budget: the paper's r = 64 (other ranks belong to fig_rank).
+TABLE2_RANK = 64
 
 
 def _complete(folder: Path) -> list[tuple[Path, dict]]:
@@ -87,6 +91,7 @@ def init_run_info(cache: Path, info: dict) -> dict:
         "temperature": init.get("temperature"),
         "adapter": adapter.get("method"),
         "transform": adapter.get("transform"),
+        "rank": adapter.get("rank"),
     }
 
 
@@ -179,8 +184,8 @@ def table2(cache: Path, model: str) -> str:
     for rep in runs:
         run, s = rep["run"], rep["summary"]
         name = run.get("init")
-        if run.get("adapter") != "wha" or run.get("transform") != "wht":
-            continue  # Table 2 compares selections on the WHT adapter
+        if run.get("adapter") != "wha" or run.get("transform") != "wht" or run.get("rank") != TABLE2_RANK:
+            continue  # Table 2 compares selections on the WHT adapter at r = 64
         paper_key = "adaalloc" if name == "qwha" else name
         if name == "qwha" and not run.get("refine"):
             paper_key = "adaalloc_norefine"
@@ -281,6 +286,66 @@ def table5(cache: Path, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fig_rank(cache: Path, model: str, out: Path | None = None) -> str:
+    """Error and perplexity after init against the rank budget r, one line per (method, bits); with
+    ``out``, also ``fig_rank_<model>.png``."""
+    series: dict[tuple[str, int], dict[int, dict]] = defaultdict(dict)
+    for rep in init_runs(cache, model):
+        run, s = rep["run"], rep["summary"]
+        label = run.get("method_name") if run.get("method_name") not in (None, "custom") else run.get("init")
+        if label not in ("qwha", "cloq") or run.get("rank") is None or run.get("bits") is None:
+            continue
+        if label == "qwha" and (run.get("transform") != "wht" or not run.get("refine")):
+            continue
+        series[(label, int(run["bits"]))][int(run["rank"])] = s
+    lines = _header(
+        "Rank budget: error and perplexity after init against r",
+        model,
+        sum(len(v) for v in series.values()),
+        "Budget r = trainable parameters of a rank-r LoRA. qwha: sparse WHT adapter, AdaAlloc + "
+        "refinement; cloq: the best rank-r update (closed form). No training. The paper has no such "
+        "sweep; its claim to check: at one budget the sparse WHT update fits dW_Q better than low rank.",
+    )
+    lines += ["| bits | method | r | rel. layer error | held-out ppl |", "|---|---|---|---|---|"]
+    for (label, bits), by_rank in sorted(series.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        for r in sorted(by_rank):
+            s = by_rank[r]
+            lines.append(
+                f"| {bits} | {label} | {r} | {_num(s.get('layer_error_relative'), '.4f')} | "
+                f"{_num(s.get('heldout_ppl'), '.1f')} |"
+            )
+    if out is not None and series:
+        _plot_rank(series, model, Path(out) / f"fig_rank_{model}.png")
+        lines += ["", f"![rank budget](fig_rank_{model}.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_rank(series: dict, model: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for (label, bits), by_rank in sorted(series.items()):
+        ranks = sorted(by_rank)
+        for ax, key in zip(axes, ("layer_error_relative", "heldout_ppl"), strict=True):
+            pts = [(r, by_rank[r][key]) for r in ranks if by_rank[r].get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{label}, {bits}-bit")
+    for ax, title in zip(axes, ("relative layer output error", "held-out perplexity"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank budget r")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend()
+    fig.suptitle(f"{model}: after init, no training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 RENDERERS = {
     "table2": table2,
     "table3": table3,
@@ -288,21 +353,23 @@ RENDERERS = {
     "table5": table5,
     "table13": table13,
     "table14": table14,
+    "fig_rank": fig_rank,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tables", nargs="+", choices=[*TABLES, "all"])
+    ap.add_argument("tables", nargs="+", choices=[*TABLES, *FIGURES, "all"])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--cache", default=os.environ.get("QWHA_CACHE_PATH", ".cache/qwha"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
-    names = TABLES if "all" in args.tables else args.tables
+    names = (*TABLES, *FIGURES) if "all" in args.tables else args.tables
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        text = RENDERERS[name](Path(args.cache), args.model)
+        extra = {"out": out} if name in FIGURES else {}
+        text = RENDERERS[name](Path(args.cache), args.model, **extra)
         (out / f"{name}_{args.model}.md").write_text(text)
         print(text)
     return 0

@@ -52,3 +52,20 @@ def test_table2_rows_from_cached_init_artifacts(cache_root):
     assert "| 2 | qwha | True | 0.4100 |" in text and "| 110.0 | 3.86 |" in text  # paper: AdaAlloc 3.86
     assert "| 2 | qwha | False | 0.7700 |" in text and "| 7.06 |" in text  # paper: no refinement 7.06
     assert "4 cached runs" in text
+
+
+def test_fig_rank_series_and_png_and_table2_keeps_r64(cache_root, tmp_path):
+    cache = StageCache(cache_root)
+    errors = {("qwha", 8): 0.8, ("qwha", 64): 0.41, ("cloq", 8): 0.9, ("cloq", 64): 0.6}
+    for (method, r), err in errors.items():
+        _fake_pipeline(cache, [f"method={method}", f"rank={r}", "bits=2"], {"layer_error_relative": err})
+    _fake_pipeline(cache, ["init=magnitude", "rank=8", "bits=2"], {"layer_error_relative": 0.7})
+    text = render.fig_rank(cache_root, "smollm2-135m", out=tmp_path)
+    for (method, r), err in errors.items():
+        assert f"| 2 | {method} | {r} | {err:.4f} |" in text
+    assert "magnitude" not in text and "4 cached runs" in text
+    png = tmp_path / "fig_rank_smollm2-135m.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = render.table2(cache_root, "smollm2-135m")
+    assert "| 2 | qwha | True | 0.4100 |" in table  # r = 64 only: the r = 8 runs stay out of Table 2
+    assert "0.8000" not in table and "0.7000" not in table
