@@ -23,7 +23,7 @@ def test_grams_reused_across_inits_and_recomputed_for_new_calibration(monkeypatc
     monkeypatch.setattr(init_stage, "_in_sweep", lambda: True)
     calls = []
 
-    def fake(cfg, inputs, targets, memo_key):
+    def fake(cfg, inputs, targets):
         calls.append(inputs["calib"].key)
         yield {"a": torch.ones(4, 4, dtype=torch.float64)}, {"a": torch.ones(2, 4)}, 8
         yield {"b": torch.ones(4, 4, dtype=torch.float64)}, {"b": torch.ones(2, 4)}, 8
@@ -41,7 +41,7 @@ def test_grams_reused_across_inits_and_recomputed_for_new_calibration(monkeypatc
 
 
 def test_memo_skipped_above_size_limit_and_outside_sweeps(monkeypatch):
-    def fake(cfg, inputs, targets, memo_key):
+    def fake(cfg, inputs, targets):
         for name in "ab":
             yield {name: torch.ones(16, 16, dtype=torch.float64)}, {}, 8
 

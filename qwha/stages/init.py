@@ -83,7 +83,7 @@ def full_precision_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
     kept_grams: dict = {}
     kept_weights: dict = {}
     n_tokens = 0
-    for grams, weights, n_tokens in _compute_grams(cfg, inputs, targets, memo_key):
+    for grams, weights, n_tokens in _compute_grams(cfg, inputs, targets):
         if keep:
             kept_grams.update(grams)
             kept_weights.update(weights)
@@ -111,7 +111,7 @@ def _fits_memo(grams: dict, weights: dict) -> bool:
     return sum(t.numel() * t.element_size() for t in tensors.values()) <= _memo_limit_bytes()
 
 
-def _compute_grams(cfg: DictConfig, inputs: dict, targets: list[str], memo_key: tuple):
+def _compute_grams(cfg: DictConfig, inputs: dict, targets: list[str]):
     from qwha.init import calibration_grams
     from qwha.init.hessian import blockwise_grams, decoder_blocks, plan_gram_passes, select_target_modules
     from qwha.models import base_model_ref, load_causal_lm, torch_dtype
@@ -141,6 +141,21 @@ def _compute_grams(cfg: DictConfig, inputs: dict, targets: list[str], memo_key: 
         del grams
 
 
+def _quantized_model(cfg: DictConfig, inputs: dict):
+    from qwha.models import torch_dtype
+    from qwha.quant import load_quantized
+
+    dev = device(cfg)
+    # No dequantized-weight cache: the init reads each W_Q once and the perplexity pass scores a few
+    # long windows, so the cache would only add a float32 copy of the model (0.4 GB for SmolLM2).
+    return load_quantized(
+        inputs["quantize"].path / MODEL_DIR,
+        device=str(dev),
+        dtype=torch_dtype(str(cfg.model.dtype), dev),
+        weight_cache=False,
+    )
+
+
 def _rtn_quantizer(bits: int, group_size: int):
     from qwha.adapters.synthetic import rtn_grid
 
@@ -149,23 +164,14 @@ def _rtn_quantizer(bits: int, group_size: int):
 
 def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     from qwha.adapters import adapter_layers, attach_adapter, save_adapter
-    from qwha.models import base_model_ref, load_tokenizer, torch_dtype
-    from qwha.quant import load_quantized
+    from qwha.models import base_model_ref, load_tokenizer
 
     a, ini = cfg.adapter, cfg.init
     if a.method == "lota":
         return _run_lota(cfg, out, inputs)
-    dev = device(cfg)
     targets = list(a.target_modules)
 
-    # No dequantized-weight cache: the init reads each W_Q once and the perplexity pass scores a few
-    # long windows, so the cache would only add a float32 copy of the model (0.4 GB for SmolLM2).
-    model = load_quantized(
-        inputs["quantize"].path / MODEL_DIR,
-        device=str(dev),
-        dtype=torch_dtype(str(cfg.model.dtype), dev),
-        weight_cache=False,
-    )
+    model = _quantized_model(cfg, inputs)
     if a.method == "wha":
         model = attach_adapter(
             model,
@@ -284,19 +290,11 @@ def _init_layer(
 
 def _run_lota(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     from qwha.adapters import attach_adapter, save_adapter
-    from qwha.models import base_model_ref, load_tokenizer, torch_dtype
-    from qwha.quant import load_quantized
+    from qwha.models import base_model_ref, load_tokenizer
 
-    a, dev = cfg.adapter, device(cfg)
+    a = cfg.adapter
     t0 = time.time()
-    # No dequantized-weight cache: the init reads each W_Q once and the perplexity pass scores a few
-    # long windows, so the cache would only add a float32 copy of the model (0.4 GB for SmolLM2).
-    model = load_quantized(
-        inputs["quantize"].path / MODEL_DIR,
-        device=str(dev),
-        dtype=torch_dtype(str(cfg.model.dtype), dev),
-        weight_cache=False,
-    )
+    model = _quantized_model(cfg, inputs)
     model = attach_adapter(
         model,
         method="lota",
