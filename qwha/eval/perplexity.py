@@ -71,7 +71,7 @@ def window_nll(model: Any, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
 
     For the plain-head model types (``PLAIN_HEAD_MODEL_TYPES``) the decoder runs once and the output
     embedding is applied ``chunk`` positions at a time, so the ``[B, L, V]`` logits never exist (0.4 GB
-    per 2048-token window of a 49k-vocabulary model in float32). Other models return full logits.
+    per 2048-token window of a 49k-vocabulary model in float32). Other models go through full logits.
     """
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
@@ -79,15 +79,12 @@ def window_nll(model: Any, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or head is None or decoder is None:
         return token_nll(model(input_ids=ids).logits, ids)
     hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [B, L, hidden]
-    b, length = ids.shape
-    out = None
-    for start in range(0, length - 1, chunk):
-        end = min(start + chunk, length - 1)
-        part = token_nll(head(hidden[:, start : end + 1]), ids[:, start : end + 1])  # [B, end - start]
-        if out is None:
-            out = torch.empty(b, length - 1, dtype=part.dtype, device=part.device)
-        out[:, start:end] = part
-    return out
+    length = ids.shape[1]
+    parts = [
+        token_nll(head(hidden[:, start : start + chunk + 1]), ids[:, start : start + chunk + 1])
+        for start in range(0, length - 1, chunk)
+    ]  # each [B, min(chunk, L-1-start)]: positions start+1 ... scored from hidden states start ...
+    return torch.cat(parts, dim=1)
 
 
 @torch.no_grad()
