@@ -101,7 +101,10 @@ def test_blockwise_grams_equal_the_whole_model_pass(tiny_llama):
 
     calib = torch.randint(0, 97, (5, 9), generator=torch.Generator().manual_seed(3))
     want = calibration_grams(tiny_llama, calib, TARGETS, batch_size=2)
-    blocks = list(blockwise_grams(tiny_llama, calib, TARGETS, batch_size=2))
+    blocks = []
+    for grams in blockwise_grams(tiny_llama, calib, TARGETS, batch_size=2):
+        assert torch.is_grad_enabled()  # the generator's no_grad does not leak into the caller
+        blocks.append(grams)
     assert [sorted({n.split(".")[2] for n in b}) for b in blocks] == [["0"], ["1"]]  # one block each
     got = {n: g for b in blocks for n, g in b.items()}
     assert set(got) == set(want)

@@ -310,7 +310,8 @@ def blockwise_grams(
     rotary embeddings and the mask) are captured per batch; then block `i` runs over every batch,
     its targets' Grams are yielded, and its outputs become block `i + 1`'s inputs. Memory: the
     calibration hidden states (`tokens · hidden` in the model's dtype) plus one block's Grams.
-    Blocks without a target still run (their outputs feed the next block) but yield nothing.
+    Blocks without a target still run (their outputs feed the next block) but yield nothing. The
+    model stays in eval mode until the generator is exhausted or closed.
 
     Raises:
         ValueError: the model has no uniform stack of decoder blocks (see `decoder_blocks`), or a
@@ -332,21 +333,23 @@ def blockwise_grams(
     was_training = model.training
     model.eval()
     try:
+        # no_grad only around the compute: a context left open across `yield` would switch autograd
+        # off in the caller's code too.
         with torch.no_grad():
             states = _capture_block_inputs(model, blocks[0], calib, batch_size, device)
-            for i, block in enumerate(blocks):
-                acc = _GramAccumulator(per_block[i], product_dtype, torch.device(store_device))
-                with acc:
-                    for j, (hidden, args, kwargs) in enumerate(states):
-                        out = block(hidden, *args, **kwargs)
-                        acc._forget()
-                        states[j] = (out[0] if isinstance(out, tuple) else out, args, kwargs)
-                if per_block[i]:
-                    missing = [m for m in per_block[i] if m not in acc.grams]
-                    if missing:
-                        raise RuntimeError(f"blockwise_grams: no input reached {missing[:3]}")
-                    yield dict(acc.grams)
-                del acc
+        for i, block in enumerate(blocks):
+            acc = _GramAccumulator(per_block[i], product_dtype, torch.device(store_device))
+            with acc, torch.no_grad():
+                for j, (hidden, args, kwargs) in enumerate(states):
+                    out = block(hidden, *args, **kwargs)
+                    acc._forget()
+                    states[j] = (out[0] if isinstance(out, tuple) else out, args, kwargs)
+            if per_block[i]:
+                missing = [m for m in per_block[i] if m not in acc.grams]
+                if missing:
+                    raise RuntimeError(f"blockwise_grams: no input reached {missing[:3]}")
+                yield dict(acc.grams)
+            del acc
     finally:
         model.train(was_training)
 
