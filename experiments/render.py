@@ -114,6 +114,11 @@ def _method(res: dict) -> str:
     return f"{res.get('adapter')}/{res.get('init')}"
 
 
+def _run_label(run: dict) -> str | None:
+    """An init run's name in the tables: its method preset (``method=``), else its init."""
+    return run.get("method_name") if run.get("method_name") not in (None, "custom") else run.get("init")
+
+
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
@@ -192,7 +197,7 @@ def table2(cache: Path, model: str) -> str:
         elif not run.get("refine") and name != "zero":
             paper_key = None
         paper = published.TABLE2_LAYER_ERROR.get(paper_key) if paper_key else None
-        label = run.get("method_name") if run.get("method_name") not in (None, "custom") else name
+        label = _run_label(run)
         rows.append(
             (
                 int(run["bits"]),
@@ -292,7 +297,7 @@ def fig_rank(cache: Path, model: str, out: Path | None = None) -> str:
     series: dict[tuple[str, int], dict[int, dict]] = defaultdict(dict)
     for rep in init_runs(cache, model):
         run, s = rep["run"], rep["summary"]
-        label = run.get("method_name") if run.get("method_name") not in (None, "custom") else run.get("init")
+        label = _run_label(run)
         if label not in ("qwha", "cloq") or run.get("rank") is None or run.get("bits") is None:
             continue
         if label == "qwha" and (run.get("transform") != "wht" or not run.get("refine")):
