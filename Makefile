@@ -62,14 +62,21 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 TABLES := table2 table3 table4 table5 table13 table14
 GROUPS ?= $(if $(filter smollm2-135m,$(MODEL)),32$(comma)64,32$(comma)64$(comma)128$(comma)256)
 comma := ,
-table2 table3 table4 table5 table13: $(STAMP)  ## a paper table: MODEL=smollm2-135m|llama3.2-3b|... BUDGET=small|paper
+table2 table3 table5: $(STAMP)  ## a paper table: MODEL=smollm2-135m|llama3.2-3b|... BUDGET=small|paper
 	$(PY) -m qwha -m experiment=$@ model=$(MODEL) budget=$(BUDGET) $(ARGS)
+	$(PY) experiments/render.py $@ --model $(MODEL)
+
+# The ablations fine-tune and evaluate every row (STAGE=all); STAGE=init fills only their init columns
+# (layer error, perplexity before training), minutes per row instead of most of an hour on a CPU.
+STAGE ?= all
+table4 table13: $(STAMP)  ## ablation table (transform x selection; AdaAlloc temperature): STAGE=all|init
+	$(PY) -m qwha -m experiment=$@ model=$(MODEL) budget=$(BUDGET) stage=$(STAGE) $(ARGS)
 	$(PY) experiments/render.py $@ --model $(MODEL)
 
 table7: table2  ## Tables 6/7 (coverage, refinement) come from the same init sweep as Table 2
 
-table14: $(STAMP)  ## Table 14 (group size); SmolLM2 sweeps GROUPS=32,64 (its 576-wide layers)
-	$(PY) -m qwha -m experiment=table14 model=$(MODEL) budget=$(BUDGET) group_size=$(GROUPS) $(ARGS)
+table14: $(STAMP)  ## Table 14 (group size); SmolLM2 sweeps GROUPS=32,64 (its 576-wide layers); STAGE=all|init
+	$(PY) -m qwha -m experiment=table14 model=$(MODEL) budget=$(BUDGET) stage=$(STAGE) group_size=$(GROUPS) $(ARGS)
 	$(PY) experiments/render.py table14 --model $(MODEL)
 
 fig_rank: $(STAMP)  ## rank-budget figure (init only): error and perplexity after init vs r, qwha vs cloq; BITS=2|4

@@ -71,7 +71,7 @@ def _init_label(init: dict) -> str:
     if name == "adaalloc":
         reference = init.get("alloc_weight") == "weight" and init.get("score") == "energy"
         return "qwha_reference" if reference else "qwha"
-    return {"lora_zero": "qlora"}.get(name, name)
+    return {"lora_zero": "qlora", "ternary_kaiming": "lota"}.get(name, name)
 
 
 def init_run_info(cache: Path, info: dict) -> dict:
@@ -218,17 +218,97 @@ def table2(cache: Path, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sweep(cache: Path, model: str, field: str, title: str, paper: dict, fmt) -> str:
-    runs = eval_runs(cache, model)
-    lines = _header(title, model, len(runs))
-    lines += [f"| {field} | GSM8K (ours) | CSQA avg (ours) | paper GSM8K |", "|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (r.get(field) is None, r.get(field) or 0)):
-        if r.get(field) is None:
+def _evals_by_init(cache: Path, model: str) -> dict[str, list[dict]]:
+    """Eval results of fine-tuned models, grouped by the init artifact they descend from."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    for res in eval_runs(cache, model):
+        info = _manifest(cache, "eval", Path(res["_path"]).name)
+        key = info.get("upstream", {}).get("init")
+        if key and res.get("target") == "finetune":
+            out[key].append(res)
+    return out
+
+
+def _ablation(cache: Path, model: str, keep) -> list[dict]:
+    """One row per init artifact that ``keep(run)`` accepts: the init's own numbers (layer error, held-out
+    perplexity before any training) and, where the run was also fine-tuned and evaluated, its GSM8K,
+    CSQA and perplexity after tuning."""
+    evals = _evals_by_init(cache, model)
+    rows = []
+    for path, info in _complete(cache / "init"):
+        rep = json.loads((path / "report.json").read_text())
+        run = {**init_run_info(cache, info), **rep.get("run", {})}
+        if run.get("model") != model or "summary" not in rep or not keep(run):
             continue
-        lines.append(
-            f"| {fmt(r[field])} | {_pct(r.get('gsm8k', {}).get('exact_match'))} | "
-            f"{_pct(r.get('csqa', {}).get('average'))} | {_num(paper.get(r[field]))} |"
-        )
+        row = {"run": run, "init": rep["summary"], "gsm8k": None, "csqa": None, "ppl_tuned": None}
+        for res in evals.get(path.name, []):
+            if "gsm8k" in res:
+                row["gsm8k"] = res["gsm8k"]
+                row["ppl_tuned"] = res.get("perplexity", {}).get("ppl")
+            if "csqa" in res:
+                row["csqa"] = res["csqa"]["average"]
+        rows.append(row)
+    return rows
+
+
+def _em(gsm8k: dict | None) -> str:
+    if not gsm8k:
+        return "–"
+    return f"{100 * gsm8k['exact_match']:.1f} ({gsm8k.get('correct', '?')}/{gsm8k.get('n', '?')})"
+
+
+ABLATION_COLUMNS = (
+    "rel. layer error | ppl after init | GSM8K EM (ours) | ppl after tuning | CSQA avg (ours)",
+    "---|---|---|---|---",
+)
+ABLATION_NOTE = (
+    "Ours: the init's mean relative layer output error and held-out perplexity (no training), then, where "
+    "the run was fine-tuned and evaluated (`stage=all`), GSM8K exact match (correct/n), held-out perplexity "
+    "after tuning and the CSQA average. `–`: not run. `make <table> STAGE=init` runs the init columns only."
+)
+
+
+def _ablation_cells(row: dict) -> str:
+    s = row["init"]
+    return (
+        f"{_num(s.get('layer_error_relative'), '.4f')} | {_num(s.get('heldout_ppl'), '.1f')} | "
+        f"{_em(row['gsm8k'])} | {_num(row['ppl_tuned'], '.1f')} | {_pct(row['csqa'])}"
+    )
+
+
+def _is_qwha(run: dict, rank: int = TABLE2_RANK) -> bool:
+    """The paper's QWHA init on the WHT adapter: AdaAlloc with refinement, at the Table 2 budget."""
+    return (
+        run.get("init") == "qwha"
+        and run.get("transform") == "wht"
+        and bool(run.get("refine"))
+        and run.get("rank") == rank
+    )
+
+
+# The settings an ablation holds at their defaults while it sweeps another one.
+ABLATION_DEFAULTS = {"temperature": 1.0, "group_size": 64}
+
+
+def _sweep(cache: Path, model: str, field: str, title: str, paper: dict, paper_bits: int, fmt) -> str:
+    """Tables 13 / 14: the QWHA init swept over one setting (`field` of the init run), the others at
+    their defaults. The paper's numbers are printed on the rows at the bit width it used
+    (``paper_bits``)."""
+    fixed = {k: v for k, v in ABLATION_DEFAULTS.items() if k != field}
+
+    def keep(run: dict) -> bool:
+        return _is_qwha(run) and run.get(field) is not None and all(run.get(k) == v for k, v in fixed.items())
+
+    rows = _ablation(cache, model, keep)
+    lines = _header(title, model, len(rows), ABLATION_NOTE)
+    lines += [
+        f"| bits | {field} | {ABLATION_COLUMNS[0]} | paper GSM8K |",
+        f"|---|---|{ABLATION_COLUMNS[1]}|---|",
+    ]
+    for row in sorted(rows, key=lambda r: (-int(r["run"]["bits"]), r["run"][field])):
+        value, bits = row["run"][field], int(row["run"]["bits"])
+        published_value = paper.get(value) if bits == paper_bits else None
+        lines.append(f"| {bits} | {fmt(value)} | {_ablation_cells(row)} | {_num(published_value)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -236,57 +316,119 @@ def table13(cache: Path, model: str) -> str:
     return _sweep(
         cache,
         model,
-        "init_temperature",
-        "Table 13: AdaAlloc temperature",
+        "temperature",
+        "Table 13: AdaAlloc temperature t (paper: 4-bit Llama-3.2-3B, GSM8K %)",
         published.TABLE13_TEMPERATURE,
+        4,
         lambda v: f"{v:g}",
     )
 
 
 def table14(cache: Path, model: str) -> str:
     return _sweep(
-        cache, model, "group_size", "Table 14: quantization group size", published.TABLE14_GROUP_SIZE, str
+        cache,
+        model,
+        "group_size",
+        "Table 14: quantization group size (paper: 2-bit Llama-3.2-3B, GSM8K %)",
+        published.TABLE14_GROUP_SIZE,
+        2,
+        str,
     )
 
 
+# Table 4's axes: the adapter's transform (adapter=wha|dca|dha|sparse) and the support selection.
+TABLE4_TRANSFORMS = ("wht", "dct", "dht", "identity")
+TABLE4_SELECTIONS = ("qwha", "magnitude", "random")
+
+
 def table4(cache: Path, model: str) -> str:
-    runs = [r for r in eval_runs(cache, model) if r.get("target") != "quantize"]
-    lines = _header("Table 4: transform x selection", model, len(runs))
-    lines += ["| transform | init | bits | GSM8K (ours) | CSQA avg (ours) |", "|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (str(r.get("transform")), str(r.get("init")))):
-        lines.append(
-            f"| {r.get('transform')} | {r.get('init')} | {r['bits']} | "
-            f"{_pct(r.get('gsm8k', {}).get('exact_match'))} | {_pct(r.get('csqa', {}).get('average'))} |"
+    def keep(run: dict) -> bool:
+        return (
+            run.get("adapter") == "wha"
+            and run.get("transform") in TABLE4_TRANSFORMS
+            and run.get("init") in TABLE4_SELECTIONS
+            and bool(run.get("refine"))
+            and run.get("rank") == TABLE2_RANK
+            and all(run.get(k) == v for k, v in ABLATION_DEFAULTS.items())
         )
+
+    rows = _ablation(cache, model, keep)
+    lines = _header(
+        "Table 4: transform x selection (paper: 4-bit Llama-3.2-3B, GSM8K)",
+        model,
+        len(rows),
+        ABLATION_NOTE + " Selection qwha = AdaAlloc; every row refines the values on its support (r = 64 "
+        "budget, group 64).",
+    )
+    lines += [
+        f"| bits | transform | selection | {ABLATION_COLUMNS[0]} |",
+        f"|---|---|---|{ABLATION_COLUMNS[1]}|",
+    ]
+    order = {t: i for i, t in enumerate(TABLE4_TRANSFORMS)}
+    for row in sorted(
+        rows,
+        key=lambda r: (
+            -int(r["run"]["bits"]),
+            order[r["run"]["transform"]],
+            TABLE4_SELECTIONS.index(r["run"]["init"]),
+        ),
+    ):
+        run = row["run"]
+        lines.append(f"| {run['bits']} | {run['transform']} | {run['init']} | {_ablation_cells(row)} |")
     return "\n".join(lines) + "\n"
 
 
 def table5(cache: Path, model: str) -> str:
+    """Cost per method: the init stage's wall time and the fine-tuning step time, from the manifests."""
     rows = []
-    for path, info in _complete(cache / "finetune"):
+    for _, info in _complete(cache / "finetune"):
+        init_key = info.get("upstream", {}).get("init", "")
+        init_info = _manifest(cache, "init", init_key)
+        if not init_info:
+            continue
+        report = cache / "init" / init_key / "report.json"
+        run = {
+            **init_run_info(cache, init_info),
+            **(json.loads(report.read_text()).get("run", {}) if report.exists() else {}),
+        }
+        if run.get("model") != model:
+            continue
         m = info.get("metrics", {})
+        label = _run_label(run)
         rows.append(
-            (
-                info["upstream"].get("init"),
-                info.get("wall_time_s"),
-                m.get("step_time_s"),
-                m.get("tokens_per_s"),
-                m.get("peak_mem_mb"),
-                str(path),
-            )
+            {
+                "method": label,
+                "bits": run.get("bits"),
+                "data": info.get("config", {}).get("data", {}).get("name"),
+                "init_s": init_info.get("wall_time_s"),
+                "step_s": m.get("step_time_s"),
+                "tok_s": m.get("tokens_per_s"),
+                "mem": m.get("peak_mem_mb"),
+                "batch": m.get("effective_batch"),
+            }
         )
     lines = _header(
-        "Table 5: fine-tuning cost per run",
+        "Table 5: init and fine-tuning cost per method",
         model,
         len(rows),
-        "Paper (Llama-3.1-8B Alpaca, A100, hours at batch 1 / 16): "
-        + ", ".join(f"{k} {v[0]} / {v[1]}" for k, v in published.TABLE5_TRAIN_HOURS.items()),
+        "Ours: wall time of the init stage (calibration Grams + init + its perplexity check), seconds per "
+        "optimizer step, training tokens/s and peak memory, from the stage manifests; the machine is the "
+        "one that ran each stage (compare rows from the same machine and load). Paper: Llama-3.1-8B "
+        "Alpaca on an A100, training hours at batch 1 / 16 and init hours for 3B / 8B.",
     )
-    lines += ["| init key | wall s | step s | tokens/s | peak MB |", "|---|---|---|---|---|"]
-    for init_key, wall, step, tps, mem, _ in rows:
+    lines += [
+        "| method | bits | data | init s | s/step | batch | tokens/s | peak MB | paper train h (b1 / b16) "
+        "| paper init h (3B / 8B) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (-(r["bits"] or 0), str(r["data"]), *_table3_rank(str(r["method"])))):
+        train = published.TABLE5_TRAIN_HOURS.get(r["method"])
+        init = published.TABLE5_INIT_HOURS.get(r["method"])
         lines.append(
-            f"| {init_key} | {_num(wall, '.1f')} | {_num(step, '.2f')} | {_num(tps, '.1f')} | "
-            f"{_num(mem, '.0f')} |"
+            f"| {r['method']} | {r['bits']} | {r['data']} | {_num(r['init_s'], '.0f')} | "
+            f"{_num(r['step_s'], '.1f')} | {r['batch'] or '–'} | {_num(r['tok_s'], '.0f')} | "
+            f"{_num(r['mem'], '.0f')} | {f'{train[0]} / {train[1]}' if train else '–'} | "
+            f"{f'{init[0]} / {init[1]}' if init else '–'} |"
         )
     return "\n".join(lines) + "\n"
 

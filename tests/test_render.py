@@ -11,22 +11,32 @@ from qwha.stages import get_stage
 from tests.conftest import compose
 
 
-def _fake_pipeline(cache: StageCache, overrides: list[str], summary: dict) -> None:
-    """Artifacts base -> calib -> quantize -> init with the real keys and manifests; fake contents."""
+def _fake_pipeline(
+    cache: StageCache, overrides: list[str], summary: dict, results: dict | None = None
+) -> dict[str, str]:
+    """Artifacts base -> calib -> quantize -> init (-> finetune -> eval when ``results`` is given) with the
+    real keys and manifests; fake contents. Returns the keys."""
     cfg = compose(*overrides)
     keys: dict[str, str] = {}
-    for name in ("base", "calib", "quantize", "init"):
+    stages = ("base", "calib", "quantize", "init") + (("finetune", "eval") if results is not None else ())
+    for name in stages:
         ups = {u: keys[u] for u in get_stage(name).upstream(cfg)}
         key, slice_ = stage_key(name, cfg, ups)
 
         def fn(out, name=name):
             if name == "init":
                 (out / "report.json").write_text(json.dumps({"summary": summary}))
+            if name == "finetune":
+                return {"step_time_s": 2.5, "tokens_per_s": 100.0, "effective_batch": 8}
+            if name == "eval":
+                res = {"model": cfg.model.name, "target": "finetune", "bits": cfg.bits}
+                (out / "results.json").write_text(json.dumps({**res, **results}))
             return {}
 
         if cache.lookup(name, key) is None:
             cache.build(name, key, fn, config=slice_, upstream=ups)
         keys[name] = key
+    return keys
 
 
 def test_table2_rows_from_cached_init_artifacts(cache_root):
@@ -69,3 +79,45 @@ def test_fig_rank_series_and_png_and_table2_keeps_r64(cache_root, tmp_path):
     table = render.table2(cache_root, "smollm2-135m")
     assert "| 2 | qwha | True | 0.4100 |" in table  # r = 64 only: the r = 8 runs stay out of Table 2
     assert "0.8000" not in table and "0.7000" not in table
+
+
+def test_ablation_tables_join_init_and_eval_rows(cache_root):
+    """Tables 4 / 13 / 14 put each init's own numbers beside the evaluation of the model tuned from it,
+    keep only the runs of their sweep, and print the paper's number at the paper's bit width only."""
+    cache = StageCache(cache_root)
+    gsm = {"gsm8k": {"exact_match": 0.04, "correct": 2, "n": 50}, "perplexity": {"ppl": 41.5}}
+    _fake_pipeline(cache, ["method=qwha", "bits=4"], {"layer_error_relative": 0.5, "heldout_ppl": 37.6}, gsm)
+    _fake_pipeline(cache, ["method=qwha", "bits=4", "init.temperature=0.5"], {"layer_error_relative": 0.55})
+    _fake_pipeline(cache, ["method=qwha", "bits=2", "init.temperature=0.5"], {"layer_error_relative": 0.42})
+    _fake_pipeline(
+        cache, ["method=qwha", "bits=4", "adapter=dca", "init=random"], {"layer_error_relative": 0.8}
+    )
+    _fake_pipeline(cache, ["method=qwha", "bits=4", "init.refine=false"], {"layer_error_relative": 0.9})
+    _fake_pipeline(cache, ["method=cloq", "bits=4"], {"layer_error_relative": 0.6})
+
+    t13 = render.table13(cache_root, "smollm2-135m")
+    assert "| 4 | 1 | 0.5000 | 37.6 | 4.0 (2/50) | 41.5 | – | 41.47 |" in t13
+    assert "| 4 | 0.5 | 0.5500 | – | – | – | – | 41.39 |" in t13
+    assert "| 2 | 0.5 | 0.4200 | – | – | – | – | – |" in t13  # the paper's t sweep is 4-bit only
+    assert "0.9000" not in t13 and "0.6000" not in t13 and "0.8000" not in t13  # unrefined, CLoQ, DCT
+
+    t4 = render.table4(cache_root, "smollm2-135m")
+    rows = [line for line in t4.splitlines() if line.startswith("| 4 |")]
+    assert rows == [
+        "| 4 | wht | qwha | 0.5000 | 37.6 | 4.0 (2/50) | 41.5 | – |",
+        "| 4 | dct | random | 0.8000 | – | – | – | – |",
+    ]  # t = 0.5 and the unrefined init are other tables' rows
+
+    t14 = render.table14(cache_root, "smollm2-135m")
+    assert "| 4 | 64 | 0.5000 |" in t14 and "| 2 | 64 | 0.4200 |" not in t14  # t = 0.5 is not Table 14's
+
+
+def test_table5_names_methods_from_their_init(cache_root):
+    cache = StageCache(cache_root)
+    res = {"gsm8k": {"exact_match": 0.0, "correct": 0, "n": 50}}
+    _fake_pipeline(cache, ["method=qwha", "bits=4", "data=gsm8k"], {"layer_error_relative": 0.5}, res)
+    _fake_pipeline(cache, ["method=lota", "bits=2", "data=gsm8k"], {}, res)
+    text = render.table5(cache_root, "smollm2-135m")
+    assert "| qwha | 4 | gsm8k |" in text and "| 2.5 | 8 | 100 |" in text
+    assert "| 18.2 / 3.9 | 0.66 / 1.34 |" in text  # the paper's QWHA training and init hours
+    assert "| lota | 2 | gsm8k |" in text  # LoTA's ternary init is named by its method
