@@ -258,7 +258,7 @@ def _em(gsm8k: dict | None) -> str:
 
 
 ABLATION_COLUMNS = (
-    "rel. layer error | ppl after init | GSM8K EM (ours) | ppl after tuning | CSQA avg (ours)",
+    "rel. layer error | ppl after init | GSM8K EM (ours) | ppl after GSM8K tuning | CSQA avg (ours)",
     "---|---|---|---|---",
 )
 ABLATION_NOTE = (
