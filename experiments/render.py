@@ -102,6 +102,7 @@ def init_runs(cache: Path, model: str) -> list[dict]:
         rep["run"] = {**init_run_info(cache, info), **rep.get("run", {})}
         if rep["run"].get("model") == model and "summary" in rep:
             rep["_wall_s"] = info.get("wall_time_s")
+            rep["_key"] = path.name
             runs.append(rep)
     return runs
 
@@ -235,13 +236,11 @@ def _ablation(cache: Path, model: str, keep) -> list[dict]:
     CSQA and perplexity after tuning."""
     evals = _evals_by_init(cache, model)
     rows = []
-    for path, info in _complete(cache / "init"):
-        rep = json.loads((path / "report.json").read_text())
-        run = {**init_run_info(cache, info), **rep.get("run", {})}
-        if run.get("model") != model or "summary" not in rep or not keep(run):
+    for rep in init_runs(cache, model):
+        if not keep(rep["run"]):
             continue
-        row = {"run": run, "init": rep["summary"], "gsm8k": None, "csqa": None, "ppl_tuned": None}
-        for res in evals.get(path.name, []):
+        row = {"run": rep["run"], "init": rep["summary"], "gsm8k": None, "csqa": None, "ppl_tuned": None}
+        for res in evals.get(rep["_key"], []):
             if "gsm8k" in res:
                 row["gsm8k"] = res["gsm8k"]
                 row["ppl_tuned"] = res.get("perplexity", {}).get("ppl")
