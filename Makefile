@@ -16,7 +16,7 @@ PIP := $(PY) -m pip install -q
 PIPNOISE := { grep -v -E "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: help install run test test-slow lint format tables table2 table3 table4 table5 table7 table13 table14 fig_rank \
-        render clean-cache clean
+        render archive clean-cache clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_ -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -85,8 +85,11 @@ fig_rank: $(STAMP)  ## rank-budget figure (init only): error and perplexity afte
 
 tables: $(TABLES) fig_rank  ## every table above and the rank-budget figure
 
-render: $(STAMP)  ## re-render every table from the cache without running anything
+render: $(STAMP)  ## re-render every table from the cache and the archived records, running nothing
 	$(PY) experiments/render.py all --model $(MODEL)
+
+archive: $(STAMP)  ## copy the cache's run records (JSON, no weights) to experiments/results/runs
+	$(PY) experiments/render.py archive
 
 clean-cache:  ## delete the stage cache (QWHA_CACHE_PATH, default .cache/qwha)
 	rm -rf "$${QWHA_CACHE_PATH:-.cache/qwha}"

@@ -2,9 +2,12 @@
 
     python experiments/render.py table3 [--model smollm2-135m] [--cache .cache/qwha] [--out DIR]
     python experiments/render.py fig_rank                       # markdown + fig_rank_<model>.png
+    python experiments/render.py archive                        # cache records -> experiments/results/runs
 
 Reads every complete `eval` artifact (`results.json`) and `init` artifact (`report.json`) in the cache,
-keeps those of the requested model, and writes `<out>/<table>_<model>.md` (and a PNG for the figures).
+then in the archived records of earlier runs (`--runs`, default experiments/results/runs; the cache wins
+for a key both hold), keeps those of the requested model, and writes `<out>/<table>_<model>.md` (and a
+PNG for the figures).
 Runs are produced by `python -m qwha -m experiment=<table> model=<model> budget=<small|paper>`
 (`make <table>` does both).
 """
@@ -28,18 +31,85 @@ FIGURES = ("fig_rank",)
 TABLE2_RANK = 64
 
 
-def _complete(folder: Path) -> list[tuple[Path, dict]]:
-    out = []
-    for manifest in sorted(folder.glob("*/manifest.json")):
-        info = json.loads(manifest.read_text())
-        if info.get("status") == "complete":
-            out.append((manifest.parent, info))
-    return out
+# The archived records of the runs behind the committed tables (`render.py archive`).
+RUNS_DIR = Path(__file__).resolve().parent / "results" / "runs"
+# What `archive` keeps of an artifact: its records, never its weights or calibration tensors.
+RECORD_FILES = (
+    "manifest.json",
+    "results.json",
+    "report.json",
+    "metrics.jsonl",
+    "quant.json",
+    "base_model.json",
+)
+STAGES = ("base", "calib", "quantize", "init", "finetune", "eval")
 
 
-def eval_runs(cache: Path, model: str) -> list[dict]:
+class Runs:
+    """Complete artifacts read from several roots in order: a stage cache, then archived records.
+
+    An archive (``render.py archive``) holds each artifact's JSON records without its weights, so the
+    tables re-render on a machine whose cache is gone. Where two roots hold a complete artifact under the
+    same key (the same config and upstream), the first root's copy is read."""
+
+    def __init__(self, *roots: Path | str):
+        self.roots = [Path(r) for r in roots]
+
+    @classmethod
+    def of(cls, cache: Runs | Path | str) -> Runs:
+        return cache if isinstance(cache, Runs) else cls(cache)
+
+    def complete(self, stage: str) -> list[tuple[Path, dict]]:
+        found: dict[str, tuple[Path, dict]] = {}
+        for root in self.roots:
+            for manifest in sorted((root / stage).glob("*/manifest.json")):
+                key = manifest.parent.name
+                if key in found:
+                    continue
+                info = json.loads(manifest.read_text())
+                if info.get("status") == "complete":
+                    found[key] = (manifest.parent, info)
+        return [found[k] for k in sorted(found)]
+
+    def folder(self, stage: str, key: str) -> Path | None:
+        return next((path for path, _ in self._candidates(stage, key)), None)
+
+    def _candidates(self, stage: str, key: str):
+        for root in self.roots:
+            manifest = root / stage / key / "manifest.json"
+            if key and manifest.exists():
+                info = json.loads(manifest.read_text())
+                if info.get("status") == "complete":
+                    yield manifest.parent, info
+
+    def manifest(self, stage: str, key: str) -> dict:
+        return next((info for _, info in self._candidates(stage, key)), {})
+
+
+def archive(cache: Runs | Path, dest: Path) -> int:
+    """Copy the records (RECORD_FILES) of every complete artifact in ``cache`` to ``dest/<stage>/<key>/``;
+    returns how many artifacts were copied or refreshed."""
+    import shutil
+
+    n = 0
+    for stage in STAGES:
+        for path, _ in Runs(cache).complete(stage):
+            target = dest / stage / path.name
+            target.mkdir(parents=True, exist_ok=True)
+            for name in RECORD_FILES:
+                if (path / name).is_file():
+                    shutil.copyfile(path / name, target / name)
+            n += 1
+    return n
+
+
+def _complete(cache: Runs | Path, stage: str) -> list[tuple[Path, dict]]:
+    return Runs.of(cache).complete(stage)
+
+
+def eval_runs(cache: Runs | Path, model: str) -> list[dict]:
     runs = []
-    for path, info in _complete(cache / "eval"):
+    for path, info in _complete(cache, "eval"):
         res = json.loads((path / "results.json").read_text())
         if res.get("model") == model:
             res["_path"] = str(path)
@@ -48,9 +118,8 @@ def eval_runs(cache: Path, model: str) -> list[dict]:
     return runs
 
 
-def _manifest(cache: Path, stage: str, key: str) -> dict:
-    path = cache / stage / key / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+def _manifest(cache: Runs | Path, stage: str, key: str) -> dict:
+    return Runs.of(cache).manifest(stage, key)
 
 
 def _model_name(base_config: dict) -> str | None:
@@ -74,7 +143,7 @@ def _init_label(init: dict) -> str:
     return {"lora_zero": "qlora", "ternary_kaiming": "lota"}.get(name, name)
 
 
-def init_run_info(cache: Path, info: dict) -> dict:
+def init_run_info(cache: Runs | Path, info: dict) -> dict:
     """What an init artifact was run with, from its manifest and its upstream manifests: model, bits,
     group size, quantizer, init (and refinement), adapter."""
     cfg, ups = info.get("config", {}), info.get("upstream", {})
@@ -95,9 +164,9 @@ def init_run_info(cache: Path, info: dict) -> dict:
     }
 
 
-def init_runs(cache: Path, model: str) -> list[dict]:
+def init_runs(cache: Runs | Path, model: str) -> list[dict]:
     runs = []
-    for path, info in _complete(cache / "init"):
+    for path, info in _complete(cache, "init"):
         rep = json.loads((path / "report.json").read_text())
         rep["run"] = {**init_run_info(cache, info), **rep.get("run", {})}
         if rep["run"].get("model") == model and "summary" in rep:
@@ -143,7 +212,7 @@ def _table3_rank(method: str) -> tuple[int, str]:
     return (TABLE3_ORDER.index(method) if method in TABLE3_ORDER else len(TABLE3_ORDER), method)
 
 
-def table3(cache: Path, model: str) -> str:
+def table3(cache: Runs | Path, model: str) -> str:
     runs = eval_runs(cache, model)
     cells: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
     for r in runs:
@@ -172,7 +241,7 @@ def table3(cache: Path, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table2(cache: Path, model: str) -> str:
+def table2(cache: Runs | Path, model: str) -> str:
     runs = init_runs(cache, model)
     lines = _header(
         "Tables 2 / 6 / 7: layer output error, coverage and rank after init",
@@ -219,7 +288,7 @@ def table2(cache: Path, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _evals_by_init(cache: Path, model: str) -> dict[str, list[dict]]:
+def _evals_by_init(cache: Runs | Path, model: str) -> dict[str, list[dict]]:
     """Eval results of fine-tuned models, grouped by the init artifact they descend from."""
     out: dict[str, list[dict]] = defaultdict(list)
     for res in eval_runs(cache, model):
@@ -230,7 +299,7 @@ def _evals_by_init(cache: Path, model: str) -> dict[str, list[dict]]:
     return out
 
 
-def _ablation(cache: Path, model: str, keep) -> list[dict]:
+def _ablation(cache: Runs | Path, model: str, keep) -> list[dict]:
     """One row per init artifact that ``keep(run)`` accepts: the init's own numbers (layer error, held-out
     perplexity before any training) and, where the run was also fine-tuned and evaluated, its GSM8K,
     CSQA and perplexity after tuning."""
@@ -289,7 +358,7 @@ def _is_qwha(run: dict, rank: int = TABLE2_RANK) -> bool:
 ABLATION_DEFAULTS = {"temperature": 1.0, "group_size": 64}
 
 
-def _sweep(cache: Path, model: str, field: str, title: str, paper: dict, paper_bits: int, fmt) -> str:
+def _sweep(cache: Runs | Path, model: str, field: str, title: str, paper: dict, paper_bits: int, fmt) -> str:
     """Tables 13 / 14: the QWHA init swept over one setting (`field` of the init run), the others at
     their defaults. The paper's numbers are printed on the rows at the bit width it used
     (``paper_bits``)."""
@@ -311,7 +380,7 @@ def _sweep(cache: Path, model: str, field: str, title: str, paper: dict, paper_b
     return "\n".join(lines) + "\n"
 
 
-def table13(cache: Path, model: str) -> str:
+def table13(cache: Runs | Path, model: str) -> str:
     return _sweep(
         cache,
         model,
@@ -323,7 +392,7 @@ def table13(cache: Path, model: str) -> str:
     )
 
 
-def table14(cache: Path, model: str) -> str:
+def table14(cache: Runs | Path, model: str) -> str:
     return _sweep(
         cache,
         model,
@@ -340,7 +409,7 @@ TABLE4_TRANSFORMS = ("wht", "dct", "dht", "identity")
 TABLE4_SELECTIONS = ("qwha", "magnitude", "random")
 
 
-def table4(cache: Path, model: str) -> str:
+def table4(cache: Runs | Path, model: str) -> str:
     def keep(run: dict) -> bool:
         return (
             run.get("adapter") == "wha"
@@ -377,15 +446,15 @@ def table4(cache: Path, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table5(cache: Path, model: str) -> str:
+def table5(cache: Runs | Path, model: str) -> str:
     """Cost per method: the init stage's wall time and the fine-tuning step time, from the manifests."""
     rows = []
-    for _, info in _complete(cache / "finetune"):
+    for _, info in _complete(cache, "finetune"):
         init_key = info.get("upstream", {}).get("init", "")
         init_info = _manifest(cache, "init", init_key)
         if not init_info:
             continue
-        report = cache / "init" / init_key / "report.json"
+        report = Runs.of(cache).folder("init", init_key) / "report.json"
         run = {
             **init_run_info(cache, init_info),
             **(json.loads(report.read_text()).get("run", {}) if report.exists() else {}),
@@ -432,7 +501,7 @@ def table5(cache: Path, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fig_rank(cache: Path, model: str, out: Path | None = None) -> str:
+def fig_rank(cache: Runs | Path, model: str, out: Path | None = None) -> str:
     """Error and perplexity after init against the rank budget r, one line per (method, bits); with
     ``out``, also ``fig_rank_<model>.png``."""
     series: dict[tuple[str, int], dict[int, dict]] = defaultdict(dict)
@@ -505,17 +574,29 @@ RENDERERS = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tables", nargs="+", choices=[*TABLES, *FIGURES, "all"])
+    ap.add_argument("tables", nargs="+", choices=[*TABLES, *FIGURES, "all", "archive"])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--cache", default=os.environ.get("QWHA_CACHE_PATH", ".cache/qwha"))
+    ap.add_argument(
+        "--runs",
+        default=str(RUNS_DIR),
+        help="archived run records read after the cache ('none': the cache only); `archive` writes here",
+    )
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
+    if "archive" in args.tables:
+        if args.runs == "none":
+            ap.error("archive needs --runs DIR")
+        n = archive(Path(args.cache), Path(args.runs))
+        print(f"archive: records of {n} complete artifacts from {args.cache} in {args.runs}")
+        return 0
+    runs = Runs(args.cache) if args.runs == "none" else Runs(args.cache, args.runs)
     names = (*TABLES, *FIGURES) if "all" in args.tables else args.tables
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         extra = {"out": out} if name in FIGURES else {}
-        text = RENDERERS[name](Path(args.cache), args.model, **extra)
+        text = RENDERERS[name](runs, args.model, **extra)
         (out / f"{name}_{args.model}.md").write_text(text)
         print(text)
     return 0

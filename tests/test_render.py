@@ -121,3 +121,30 @@ def test_table5_names_methods_from_their_init(cache_root):
     assert "| qwha | 4 | gsm8k |" in text and "| 2.5 | 8 | 100 |" in text
     assert "| 18.2 / 3.9 | 0.66 / 1.34 |" in text  # the paper's QWHA training and init hours
     assert "| lota | 2 | gsm8k |" in text  # LoTA's ternary init is named by its method
+
+
+def test_archived_records_render_the_same_tables_and_the_cache_wins(cache_root, tmp_path):
+    """`archive` keeps each artifact's JSON records (no weights); tables rendered from the archive alone
+    equal those rendered from the cache, and a key present in both is read from the cache."""
+    cache = StageCache(cache_root)
+    gsm = {"gsm8k": {"exact_match": 0.04, "correct": 2, "n": 50}, "perplexity": {"ppl": 41.5}}
+    keys = _fake_pipeline(cache, ["method=qwha", "bits=4"], {"layer_error_relative": 0.5}, gsm)
+    _fake_pipeline(cache, ["method=cloq", "bits=2"], {"layer_error_relative": 0.6}, gsm)
+    (cache_root / "calib" / keys["calib"] / "calib.pt").write_bytes(b"weights stay out")
+    runs_dir = tmp_path / "runs"
+    assert render.archive(cache_root, runs_dir) == 2 * 6 - 2  # the two chains share base and calib
+    assert not list(runs_dir.rglob("calib.pt"))
+    assert (runs_dir / "eval" / keys["eval"] / "results.json").exists()
+
+    expected = {name: render.RENDERERS[name](cache_root, "smollm2-135m") for name in ("table3", "table4")}
+    archived_only = render.Runs(tmp_path / "gone", runs_dir)
+    for name, text in expected.items():
+        assert render.RENDERERS[name](archived_only, "smollm2-135m") == text
+    assert "| 4 | wht | qwha | 0.5000 | – | 4.0 (2/50) | 41.5 | – |" in expected["table4"]
+
+    # A newer run of the same key in the cache (here: a changed report) takes precedence over the archive.
+    report = cache_root / "init" / keys["init"] / "report.json"
+    report.write_text(json.dumps({"summary": {"layer_error_relative": 0.25}}))
+    both = render.Runs(cache_root, runs_dir)
+    assert "| 4 | wht | qwha | 0.2500 |" in render.table4(both, "smollm2-135m")
+    assert "| 4 | wht | qwha | 0.5000 |" in render.table4(render.Runs(runs_dir), "smollm2-135m")
