@@ -221,6 +221,7 @@ def table3(cache: Runs | Path, model: str) -> str:
             cells[key]["csqa"] = r["csqa"]["average"]
         if "gsm8k" in r:
             cells[key]["gsm8k"] = r["gsm8k"]["exact_match"]
+            cells[key]["answer_ppl"] = _answer_ppl(r["gsm8k"])
     lines = _header(
         "Table 3: methods x bits (CSQA avg / GSM8K, %)",
         model,
@@ -229,13 +230,15 @@ def table3(cache: Runs | Path, model: str) -> str:
         "2505.18724), the second method family: the QWHA paper publishes no numbers for it.",
     )
     lines += [
-        "| method | bits | CSQA avg (ours) | GSM8K (ours) | CSQA avg (paper 3B) | GSM8K (paper 3B) |",
-        "|---|---|---|---|---|---|",
+        "| method | bits | CSQA avg (ours) | GSM8K (ours) | GSM8K answer ppl (ours) | CSQA avg (paper 3B) "
+        "| GSM8K (paper 3B) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (method, bits), v in sorted(cells.items(), key=lambda kv: (-kv[0][1], *_table3_rank(kv[0][0]))):
         paper = published.TABLE3.get(("llama3.2-3b", bits), {}).get(method)
         lines.append(
             f"| {method} | {bits} | {_pct(v.get('csqa'))} | {_pct(v.get('gsm8k'))} | "
+            f"{_num(v.get('answer_ppl'))} | "
             f"{_num(paper[0]) if paper else '–'} | {_num(paper[1]) if paper else '–'} |"
         )
     return "\n".join(lines) + "\n"
@@ -319,6 +322,10 @@ def _ablation(cache: Runs | Path, model: str, keep) -> list[dict]:
     return rows
 
 
+def _answer_ppl(gsm8k: dict | None) -> float | None:
+    return ((gsm8k or {}).get("answer_nll") or {}).get("ppl")
+
+
 def _em(gsm8k: dict | None) -> str:
     if not gsm8k:
         return "–"
@@ -326,13 +333,16 @@ def _em(gsm8k: dict | None) -> str:
 
 
 ABLATION_COLUMNS = (
-    "rel. layer error | ppl after init | GSM8K EM (ours) | ppl after GSM8K tuning | CSQA avg (ours)",
-    "---|---|---|---|---",
+    "rel. layer error | ppl after init | GSM8K EM (ours) | GSM8K answer ppl | ppl after GSM8K tuning "
+    "| CSQA avg (ours)",
+    "---|---|---|---|---|---",
 )
 ABLATION_NOTE = (
     "Ours: the init's mean relative layer output error and held-out perplexity (no training), then, where "
-    "the run was fine-tuned and evaluated (`stage=all`), GSM8K exact match (correct/n), held-out perplexity "
-    "after tuning and the CSQA average. `–`: not run. `make <table> STAGE=init` runs the init columns only."
+    "the run was fine-tuned and evaluated (`stage=all`), GSM8K exact match (correct/n), the perplexity of "
+    "the reference GSM8K solutions on the same questions (teacher-forced; it resolves differences that "
+    "0-2 correct answers cannot), held-out perplexity after tuning and the CSQA average. `–`: not run. "
+    "`make <table> STAGE=init` runs the init columns only (the default at `BUDGET=small`)."
 )
 
 
@@ -340,7 +350,8 @@ def _ablation_cells(row: dict) -> str:
     s = row["init"]
     return (
         f"{_num(s.get('layer_error_relative'), '.4f')} | {_num(s.get('heldout_ppl'), '.1f')} | "
-        f"{_em(row['gsm8k'])} | {_num(row['ppl_tuned'], '.1f')} | {_pct(row['csqa'])}"
+        f"{_em(row['gsm8k'])} | {_num(_answer_ppl(row['gsm8k']), '.2f')} | {_num(row['ppl_tuned'], '.1f')} | "
+        f"{_pct(row['csqa'])}"
     )
 
 

@@ -62,6 +62,9 @@ def test_embedded_pipeline_end_to_end(tmp_path):
 
     results = json.loads((done["eval"][0].path / "results.json").read_text())
     assert results["gsm8k"]["n"] == 2 and 0.0 <= results["gsm8k"]["exact_match"] <= 1.0
+    # the reference solutions' loss on the same 2 questions: a real LM is far below uniform (ln 49152 = 10.8)
+    nll = results["gsm8k"]["answer_nll"]
+    assert nll["n"] == 2 and nll["tokens"] > 50 and 0.0 < nll["nll"] < 4.0
     assert results["perplexity"]["tokens"] > 0
 
     # a second run is all cache hits, checksums verified

@@ -179,3 +179,34 @@ def test_batched_left_padded_greedy_equals_single_generation() -> None:
         ids = tok(prompt, return_tensors="pt").input_ids
         single = model.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id)
         assert out == tok.decode(single[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_answer_nll_matches_per_item_float64_reference(test_set: list[dict]) -> None:
+    """The batched, right-padded loss equals a float64 loop over single unpadded items that scores the
+    solution tokens ("The final answer is: N" form, then EOS) after the GSM8K prompt."""
+    from qwha.data.sft import gsm8k_prompt, gsm8k_target
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(vocab_size=258, pad_token_id=256, eos_token_id=257, bos_token_id=257)
+    model = LlamaForCausalLM(cfg).eval()
+    items = test_set[:5]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        model64 = LlamaForCausalLM(cfg).double().eval()
+        model64.load_state_dict(model.state_dict())
+        for it in items:
+            prompt = tok(gsm8k_prompt(it["question"])).input_ids
+            target = tok(gsm8k_target(it["answer"]), add_special_tokens=False).input_ids + [257]
+            ids = torch.tensor([prompt + target])
+            logp = torch.log_softmax(model64(input_ids=ids).logits[0], dim=-1)
+            for pos in range(len(prompt), ids.shape[1]):
+                total -= float(logp[pos - 1, ids[0, pos]])
+                count += 1
+    res = gsm8k.answer_nll(model, tok, limit=5, batch_size=3, max_length=4096)  # batches of 3, 2; padded
+    assert (res["n"], res["tokens"]) == (5, count)
+    assert res["nll"] == pytest.approx(total / count, rel=1e-5)
+    assert res["ppl"] == pytest.approx(float(torch.tensor(total / count).exp()), rel=1e-5)
+    assert "The final answer is: 18" in gsm8k_target(items[0]["answer"])
+    with pytest.raises(ValueError, match="eval.limit"):
+        gsm8k.answer_nll(model, tok, limit=0)

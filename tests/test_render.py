@@ -85,7 +85,10 @@ def test_ablation_tables_join_init_and_eval_rows(cache_root):
     """Tables 4 / 13 / 14 put each init's own numbers beside the evaluation of the model tuned from it,
     keep only the runs of their sweep, and print the paper's number at the paper's bit width only."""
     cache = StageCache(cache_root)
-    gsm = {"gsm8k": {"exact_match": 0.04, "correct": 2, "n": 50}, "perplexity": {"ppl": 41.5}}
+    gsm = {
+        "gsm8k": {"exact_match": 0.04, "correct": 2, "n": 50, "answer_nll": {"ppl": 3.214}},
+        "perplexity": {"ppl": 41.5},
+    }
     _fake_pipeline(cache, ["method=qwha", "bits=4"], {"layer_error_relative": 0.5, "heldout_ppl": 37.6}, gsm)
     _fake_pipeline(cache, ["method=qwha", "bits=4", "init.temperature=0.5"], {"layer_error_relative": 0.55})
     _fake_pipeline(cache, ["method=qwha", "bits=2", "init.temperature=0.5"], {"layer_error_relative": 0.42})
@@ -96,16 +99,16 @@ def test_ablation_tables_join_init_and_eval_rows(cache_root):
     _fake_pipeline(cache, ["method=cloq", "bits=4"], {"layer_error_relative": 0.6})
 
     t13 = render.table13(cache_root, "smollm2-135m")
-    assert "| 4 | 1 | 0.5000 | 37.6 | 4.0 (2/50) | 41.5 | – | 41.47 |" in t13
-    assert "| 4 | 0.5 | 0.5500 | – | – | – | – | 41.39 |" in t13
-    assert "| 2 | 0.5 | 0.4200 | – | – | – | – | – |" in t13  # the paper's t sweep is 4-bit only
+    assert "| 4 | 1 | 0.5000 | 37.6 | 4.0 (2/50) | 3.21 | 41.5 | – | 41.47 |" in t13
+    assert "| 4 | 0.5 | 0.5500 | – | – | – | – | – | 41.39 |" in t13
+    assert "| 2 | 0.5 | 0.4200 | – | – | – | – | – | – |" in t13  # the paper's t sweep is 4-bit only
     assert "0.9000" not in t13 and "0.6000" not in t13 and "0.8000" not in t13  # unrefined, CLoQ, DCT
 
     t4 = render.table4(cache_root, "smollm2-135m")
     rows = [line for line in t4.splitlines() if line.startswith("| 4 |")]
     assert rows == [
-        "| 4 | wht | qwha | 0.5000 | 37.6 | 4.0 (2/50) | 41.5 | – |",
-        "| 4 | dct | random | 0.8000 | – | – | – | – |",
+        "| 4 | wht | qwha | 0.5000 | 37.6 | 4.0 (2/50) | 3.21 | 41.5 | – |",
+        "| 4 | dct | random | 0.8000 | – | – | – | – | – |",
     ]  # t = 0.5 and the unrefined init are other tables' rows
 
     t14 = render.table14(cache_root, "smollm2-135m")
@@ -140,7 +143,7 @@ def test_archived_records_render_the_same_tables_and_the_cache_wins(cache_root, 
     archived_only = render.Runs(tmp_path / "gone", runs_dir)
     for name, text in expected.items():
         assert render.RENDERERS[name](archived_only, "smollm2-135m") == text
-    assert "| 4 | wht | qwha | 0.5000 | – | 4.0 (2/50) | 41.5 | – |" in expected["table4"]
+    assert "| 4 | wht | qwha | 0.5000 | – | 4.0 (2/50) | – | 41.5 | – |" in expected["table4"]
 
     # A newer run of the same key in the cache (here: a changed report) takes precedence over the archive.
     report = cache_root / "init" / keys["init"] / "report.json"

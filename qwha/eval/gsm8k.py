@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
@@ -284,3 +285,69 @@ def run_gsm8k(
             for it, o, p, g in list(zip(items, outputs, preds, golds, strict=True))[:n_samples]
         ],
     }
+
+
+@torch.no_grad()
+def answer_nll(
+    model: Any,
+    tokenizer: Any,
+    *,
+    source: str = "packaged",
+    limit: int | None = None,
+    batch_size: int = 8,
+    exclude_ids: Iterable[int] = (),
+    max_length: int = 512,
+) -> dict[str, Any]:
+    """Teacher-forced loss of the reference solutions on the questions :func:`run_gsm8k` scores.
+
+    Each item is formatted as a fine-tuning record (the GSM8K prompt, then the worked solution ending in
+    "The final answer is: N", then EOS; ``qwha.data.sft``), and the loss covers the solution tokens only.
+    Unlike exact match on a few dozen questions, this in-domain loss moves smoothly with small changes to
+    a model, so it separates settings that a short CPU fine-tune leaves at 0-2 correct answers.
+
+    Returns:
+        ``{"nll": nats per solution token (token-weighted over all items), "ppl": exp(nll), "tokens": int,
+        "n": items}``.
+    """
+    from qwha.data.sft import IGNORE_INDEX, gsm8k_prompt, gsm8k_target, tokenize_sft
+
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"eval.limit={limit!r}: allowed values are null or an int > 0")
+    if batch_size < 1:
+        raise ValueError(f"eval.batch_size={batch_size}: must be >= 1")
+    items = load_gsm8k_test(source, exclude_ids)[:limit]
+    records = [{"prompt": gsm8k_prompt(it["question"]), "target": gsm8k_target(it["answer"])} for it in items]
+    data = tokenize_sft(records, tokenizer, max_length=max_length, mask_prompt=True, drop_empty=False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = getattr(model, "device", None) or torch.device("cpu")
+    was_training = getattr(model, "training", False)
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in tqdm(range(0, len(data), batch_size), desc="gsm8k answer loss", unit="batch"):
+            batch = data[start : start + batch_size]
+            width = max(len(d["input_ids"]) for d in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, d in enumerate(batch):  # right padding: positions match the unpadded sequence
+                n = len(d["input_ids"])
+                ids[row, :n] = torch.tensor(d["input_ids"])
+                labels[row, :n] = torch.tensor(d["labels"])
+                mask[row, :n] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            shift = labels[:, 1:].to(logits.device)
+            total += torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                shift.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            ).item()
+            count += int((shift != IGNORE_INDEX).sum())
+    finally:
+        if was_training:
+            model.train()
+    if count == 0:
+        raise ValueError("gsm8k answer loss: no solution token left to score (raise max_length)")
+    nll = total / count
+    return {"nll": nll, "ppl": math.exp(nll), "tokens": count, "n": len(items)}

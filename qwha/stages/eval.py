@@ -74,7 +74,7 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
         results["csqa"] = res
         summary["csqa_avg"] = res["average"]
     if _enabled(e.gsm8k.enabled, cfg.data.format, "gsm8k"):
-        from qwha.eval.gsm8k import GSM_SYMBOLIC_TEST_IDS, run_gsm8k
+        from qwha.eval.gsm8k import GSM_SYMBOLIC_TEST_IDS, answer_nll, run_gsm8k
 
         # Models tuned on the packaged gsm_symbolic data have seen templates of 100 test questions.
         trained_on_templates = e.target == "finetune" and data_source(str(cfg.data.source), cfg) == "packaged"
@@ -90,6 +90,16 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
             exclude_ids=GSM_SYMBOLIC_TEST_IDS if trained_on_templates else (),
         )
         res["excluded_gsm_symbolic_templates"] = trained_on_templates
+        if OmegaConf.select(e, "gsm8k.answer_nll", default=True):
+            res["answer_nll"] = answer_nll(
+                model,
+                tok,
+                source=source,
+                limit=e.gsm8k.limit,
+                batch_size=int(e.gsm8k.batch_size),
+                exclude_ids=GSM_SYMBOLIC_TEST_IDS if trained_on_templates else (),
+            )
+            summary["gsm8k_answer_ppl"] = res["answer_nll"]["ppl"]
         results["gsm8k"] = res
         summary["gsm8k_em"] = res["exact_match"]
         summary["gsm8k_unparsable"] = res["unparsable"]
