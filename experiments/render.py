@@ -198,7 +198,11 @@ def _num(x, fmt=".2f") -> str:
 
 
 def _header(title: str, model: str, runs: int, note: str = "") -> list[str]:
-    lines = [f"# {title}", "", f"Model: `{model}`; {runs} cached runs. Published: {published.PAPER}."]
+    lines = [
+        f"# {title}",
+        "",
+        f"Model: `{model}`; {runs} runs (cache and archived records). Published: {published.PAPER}.",
+    ]
     if note:
         lines += ["", note]
     return lines + [""]

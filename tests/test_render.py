@@ -61,7 +61,7 @@ def test_table2_rows_from_cached_init_artifacts(cache_root):
     text = render.table2(cache_root, "smollm2-135m")
     assert "| 2 | qwha | True | 0.4100 |" in text and "| 110.0 | 3.86 |" in text  # paper: AdaAlloc 3.86
     assert "| 2 | qwha | False | 0.7700 |" in text and "| 7.06 |" in text  # paper: no refinement 7.06
-    assert "4 cached runs" in text
+    assert "4 runs (cache and archived records)" in text
 
 
 def test_fig_rank_series_and_png_and_table2_keeps_r64(cache_root, tmp_path):
@@ -73,7 +73,7 @@ def test_fig_rank_series_and_png_and_table2_keeps_r64(cache_root, tmp_path):
     text = render.fig_rank(cache_root, "smollm2-135m", out=tmp_path)
     for (method, r), err in errors.items():
         assert f"| 2 | {method} | {r} | {err:.4f} |" in text
-    assert "magnitude" not in text and "4 cached runs" in text
+    assert "magnitude" not in text and "4 runs (cache and archived records)" in text
     png = tmp_path / "fig_rank_smollm2-135m.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = render.table2(cache_root, "smollm2-135m")
