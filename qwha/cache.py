@@ -5,9 +5,9 @@ the stage plus the keys of the artifacts it consumes, so it is independent of th
 root and the order of keys in YAML. The contract (DESIGN.md):
 
 - A stage builds into a private temporary folder beside the final one. Its ``manifest.json`` (stage,
-  key, config slice, upstream keys, versions, git commit, wall time, peak memory, file checksums,
-  status) is written last, by an atomic rename, and then the whole folder is renamed into place. A run
-  killed at any point leaves at most a ``.tmp-*`` folder, which is never read and is swept later.
+  key, config slice, upstream keys, versions, machine, git commit, wall time, peak memory, file
+  checksums, status) is written last, by an atomic rename, and then the whole folder is renamed into
+  place. A run killed at any point leaves at most a ``.tmp-*`` folder, which is never read and is swept later.
 - On reuse every file is checked against the manifest's SHA-256. A mismatch is a *miss*: it is
   reported, the damaged artifact is moved aside, and the stage is recomputed (never used silently).
 """
@@ -78,6 +78,38 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """What ran the stage: CPU model, the kernel set torch dispatches to, threads and GPU.
+
+    The cache key leaves the machine out on purpose (an artifact is valid anywhere), but float
+    results differ in their last bits between kernel sets and thread counts, and at 2 bits GPTQ turns
+    such differences into different roundings; this record tells two builds of one key apart.
+    """
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
 def _git_commit() -> str | None:
@@ -209,6 +241,7 @@ class StageCache:
                 "wall_time_s": round(time.time() - start, 3),
                 "peak_rss_mb": round(peak_rss_mb(), 1),
                 "versions": _versions(),
+                "machine": machine_info(),
                 "git_commit": _git_commit(),
                 "python": platform.python_version(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -204,3 +204,25 @@ def test_hit_is_logged_with_path(cache_root, caplog):
     with caplog.at_level("INFO", logger="qwha.cache"):
         art, hit = cache.get_or_build("eval", "ke", lambda out: {}, config={}, upstream={})
     assert hit and str(art.path) in caplog.text
+
+
+def test_manifest_records_the_machine(cache_root):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        art, _ = StageCache(cache_root).get_or_build("eval", "km", lambda out: {}, config={}, upstream={})
+    finally:
+        torch.set_num_threads(threads)
+    machine = json.loads((art.path / MANIFEST).read_text())["machine"]
+    assert machine["torch_threads"] == 1
+    assert machine["cpu_count"] == os.cpu_count()
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["gpu"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        if names:
+            assert machine["cpu"] == names[0]
