@@ -461,6 +461,15 @@ def table4(cache: Runs | Path, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def machine_label(machine: dict | None) -> str:
+    """A manifest's ``machine`` record in a few words: the GPU, else ``CPU <kernel set> x<threads>``."""
+    if not machine:
+        return "–"
+    if machine.get("gpu"):
+        return str(machine["gpu"])
+    return f"CPU {machine.get('cpu_capability', '?')} x{machine.get('torch_threads', '?')}"
+
+
 def table5(cache: Runs | Path, model: str) -> str:
     """Cost per method: the init stage's wall time and the fine-tuning step time, from the manifests."""
     rows = []
@@ -488,6 +497,7 @@ def table5(cache: Runs | Path, model: str) -> str:
                 "tok_s": m.get("tokens_per_s"),
                 "mem": m.get("peak_mem_mb"),
                 "batch": m.get("effective_batch"),
+                "machine": machine_label(info.get("machine")),
             }
         )
     lines = _header(
@@ -496,13 +506,14 @@ def table5(cache: Runs | Path, model: str) -> str:
         len(rows),
         "Ours: wall time of the init stage (calibration Grams + init + its perplexity check), seconds per "
         "optimizer step, training tokens/s and peak memory, from the stage manifests; the machine is the "
-        "one that ran each stage (compare rows from the same machine and load). Paper: Llama-3.1-8B "
+        "one that ran the fine-tuning (its GPU, or the CPU kernel set and torch threads; `–` for records "
+        "older than that field); compare rows from the same machine and load. Paper: Llama-3.1-8B "
         "Alpaca on an A100, training hours at batch 1 / 16 and init hours for 3B / 8B.",
     )
     lines += [
-        "| method | bits | data | init s | s/step | batch | tokens/s | peak MB | paper train h (b1 / b16) "
-        "| paper init h (3B / 8B) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | bits | data | init s | s/step | batch | tokens/s | peak MB | machine "
+        "| paper train h (b1 / b16) | paper init h (3B / 8B) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (-(r["bits"] or 0), str(r["data"]), *_table3_rank(str(r["method"])))):
         train = published.TABLE5_TRAIN_HOURS.get(r["method"])
@@ -510,7 +521,7 @@ def table5(cache: Runs | Path, model: str) -> str:
         lines.append(
             f"| {r['method']} | {r['bits']} | {r['data']} | {_num(r['init_s'], '.0f')} | "
             f"{_num(r['step_s'], '.1f')} | {r['batch'] or '–'} | {_num(r['tok_s'], '.0f')} | "
-            f"{_num(r['mem'], '.0f')} | {f'{train[0]} / {train[1]}' if train else '–'} | "
+            f"{_num(r['mem'], '.0f')} | {r['machine']} | {f'{train[0]} / {train[1]}' if train else '–'} | "
             f"{f'{init[0]} / {init[1]}' if init else '–'} |"
         )
     return "\n".join(lines) + "\n"

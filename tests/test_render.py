@@ -122,8 +122,22 @@ def test_table5_names_methods_from_their_init(cache_root):
     _fake_pipeline(cache, ["method=lota", "bits=2", "data=gsm8k"], {}, res)
     text = render.table5(cache_root, "smollm2-135m")
     assert "| qwha | 4 | gsm8k |" in text and "| 2.5 | 8 | 100 |" in text
+    import torch
+
+    machine = f"CPU {torch.backends.cpu.get_cpu_capability()} x{torch.get_num_threads()}"
+    if torch.cuda.is_available():
+        machine = torch.cuda.get_device_name()
+    assert f"| {machine} |" in text  # the fine-tuning manifest's machine record
     assert "| 18.2 / 3.9 | 0.66 / 1.34 |" in text  # the paper's QWHA training and init hours
     assert "| lota | 2 | gsm8k |" in text  # LoTA's ternary init is named by its method
+
+
+def test_machine_label():
+    assert render.machine_label(None) == "–"
+    assert render.machine_label({"gpu": "NVIDIA H100 80GB HBM3", "cpu_capability": "AVX512"}) == (
+        "NVIDIA H100 80GB HBM3"
+    )
+    assert render.machine_label({"gpu": None, "cpu_capability": "AVX2", "torch_threads": 1}) == "CPU AVX2 x1"
 
 
 def test_archived_records_render_the_same_tables_and_the_cache_wins(cache_root, tmp_path):
