@@ -165,3 +165,19 @@ def test_archived_records_render_the_same_tables_and_the_cache_wins(cache_root, 
     both = render.Runs(cache_root, runs_dir)
     assert "| 4 | wht | qwha | 0.2500 |" in render.table4(both, "smollm2-135m")
     assert "| 4 | wht | qwha | 0.5000 |" in render.table4(render.Runs(runs_dir), "smollm2-135m")
+
+
+def test_repeat_quant_compare_hand_worked():
+    from experiments.repeat_quant import compare
+
+    first = {
+        "hashes": {"a.qweight": "x", "a.scales": "y", "b.qweight": "z"},
+        "dw_x": {"m.layers.0.q": 2.0, "m.layers.0.k": 4.0, "m.layers.1.q": 10.0},
+    }
+    other = {
+        "hashes": {"a.qweight": "x", "a.scales": "changed", "b.qweight": "z"},
+        "dw_x": {"m.layers.0.q": 2.0, "m.layers.0.k": 5.0, "m.layers.1.q": 9.0},
+    }
+    same, diffs = compare(first, other)
+    assert same == 2
+    assert diffs == {0: (0.125, 0.25), 1: (0.1, 0.1)}  # median of (0, 1/4); |9 - 10| / 10
