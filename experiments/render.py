@@ -7,7 +7,9 @@
 Reads every complete `eval` artifact (`results.json`) and `init` artifact (`report.json`) in the cache,
 then in the archived records of earlier runs (`--runs`, default experiments/results/runs; the cache wins
 for a key both hold), keeps those of the requested model, and writes `<out>/<table>_<model>.md` (and a
-PNG for the figures).
+PNG for the figures). A record built on another build of one of its upstream keys than the record read
+for that key (a quantized model re-made on another machine: experiments/results/quantize.md) is left
+out, so one table never mixes two quantized models under one key.
 Runs are produced by `python -m qwha -m experiment=<table> model=<model> budget=<small|paper>`
 (`make <table>` does both).
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import published  # noqa: E402
+from qwha.cache import build_id  # noqa: E402
 
 TABLES = ("table2", "table3", "table4", "table5", "table13", "table14")
 FIGURES = ("fig_rank",)
@@ -60,6 +63,8 @@ class Runs:
         return cache if isinstance(cache, Runs) else cls(cache)
 
     def complete(self, stage: str) -> list[tuple[Path, dict]]:
+        """The complete records of ``stage``, one per key, less those built on another build of an
+        upstream artifact than the one these roots hold (:meth:`consistent`)."""
         found: dict[str, tuple[Path, dict]] = {}
         for root in self.roots:
             for manifest in sorted((root / stage).glob("*/manifest.json")):
@@ -69,7 +74,31 @@ class Runs:
                 info = json.loads(manifest.read_text())
                 if info.get("status") == "complete":
                     found[key] = (manifest.parent, info)
-        return [found[k] for k in sorted(found)]
+        return [found[k] for k in sorted(found) if self.consistent(found[k][1])]
+
+    def consistent(self, info: dict, _seen: dict | None = None) -> bool:
+        """Whether the record ``info`` was built on the upstream records these roots hold, all the way up.
+
+        A manifest names the build of each upstream artifact it read (``upstream_builds``, a hash of that
+        artifact's file checksums). Older manifests lack it; for them an upstream record created after the
+        record itself cannot be the one it read. An upstream with no record here is not held against it."""
+        seen = {} if _seen is None else _seen
+        builds = info.get("upstream_builds")
+        for stage, key in info.get("upstream", {}).items():
+            up = self.manifest(stage, key)
+            if not up:
+                continue
+            if builds is not None and stage in builds:
+                if builds[stage] != build_id(up):
+                    return False
+            elif _created(up) > _created(info):
+                return False
+            if (stage, key) not in seen:
+                seen[(stage, key)] = True  # guards the recursion; replaced by the answer below
+                seen[(stage, key)] = self.consistent(up, seen)
+            if not seen[(stage, key)]:
+                return False
+        return True
 
     def folder(self, stage: str, key: str) -> Path | None:
         return next((path for path, _ in self._candidates(stage, key)), None)
@@ -101,6 +130,16 @@ def archive(cache: Runs | Path, dest: Path) -> int:
                     shutil.copyfile(path / name, target / name)
             n += 1
     return n
+
+
+def _created(info: dict) -> float:
+    """A manifest's ``created`` time as a POSIX timestamp (0 when missing or unreadable)."""
+    from datetime import datetime
+
+    try:
+        return datetime.strptime(info["created"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except (KeyError, TypeError, ValueError):
+        return 0.0
 
 
 def _complete(cache: Runs | Path, stage: str) -> list[tuple[Path, dict]]:
@@ -248,8 +287,25 @@ def table3(cache: Runs | Path, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The settings an ablation holds at their defaults while it sweeps another one.
+ABLATION_DEFAULTS = {"temperature": 1.0, "group_size": 64}
+
+
+def at_defaults(run: dict, *, but: str | None = None) -> bool:
+    """The run holds every ablation setting except ``but`` at its default: group size 64 and, for an
+    init that has a temperature (AdaAlloc), t = 1. Keeps Table 13's and 14's sweeps out of the others."""
+    for k, v in ABLATION_DEFAULTS.items():
+        if k == but:
+            continue
+        if k == "temperature" and run.get(k) is None:
+            continue  # inits without a temperature (zero, SSH, LoCA, CLoQ, ...)
+        if run.get(k) != v:
+            return False
+    return True
+
+
 def table2(cache: Runs | Path, model: str) -> str:
-    runs = init_runs(cache, model)
+    runs = [rep for rep in init_runs(cache, model) if at_defaults(rep["run"])]
     lines = _header(
         "Tables 2 / 6 / 7: layer output error, coverage and rank after init",
         model,
@@ -369,18 +425,13 @@ def _is_qwha(run: dict, rank: int = TABLE2_RANK) -> bool:
     )
 
 
-# The settings an ablation holds at their defaults while it sweeps another one.
-ABLATION_DEFAULTS = {"temperature": 1.0, "group_size": 64}
-
-
 def _sweep(cache: Runs | Path, model: str, field: str, title: str, paper: dict, paper_bits: int, fmt) -> str:
     """Tables 13 / 14: the QWHA init swept over one setting (`field` of the init run), the others at
     their defaults. The paper's numbers are printed on the rows at the bit width it used
     (``paper_bits``)."""
-    fixed = {k: v for k, v in ABLATION_DEFAULTS.items() if k != field}
 
     def keep(run: dict) -> bool:
-        return _is_qwha(run) and run.get(field) is not None and all(run.get(k) == v for k, v in fixed.items())
+        return _is_qwha(run) and run.get(field) is not None and at_defaults(run, but=field)
 
     rows = _ablation(cache, model, keep)
     lines = _header(title, model, len(rows), ABLATION_NOTE)
@@ -432,7 +483,7 @@ def table4(cache: Runs | Path, model: str) -> str:
             and run.get("init") in TABLE4_SELECTIONS
             and bool(run.get("refine"))
             and run.get("rank") == TABLE2_RANK
-            and all(run.get(k) == v for k, v in ABLATION_DEFAULTS.items())
+            and at_defaults(run)
         )
 
     rows = _ablation(cache, model, keep)
@@ -483,7 +534,7 @@ def table5(cache: Runs | Path, model: str) -> str:
             **init_run_info(cache, init_info),
             **(json.loads(report.read_text()).get("run", {}) if report.exists() else {}),
         }
-        if run.get("model") != model:
+        if run.get("model") != model or not at_defaults(run):
             continue
         m = info.get("metrics", {})
         label = _run_label(run)
@@ -536,6 +587,8 @@ def fig_rank(cache: Runs | Path, model: str, out: Path | None = None) -> str:
         label = _run_label(run)
         if label not in ("qwha", "cloq") or run.get("rank") is None or run.get("bits") is None:
             continue
+        if not at_defaults(run):
+            continue  # Table 13's temperatures and Table 14's group sizes share r = 64
         if label == "qwha" and (run.get("transform") != "wht" or not run.get("refine")):
             continue
         series[(label, int(run["bits"]))][int(run["rank"])] = s

@@ -5,9 +5,10 @@ the stage plus the keys of the artifacts it consumes, so it is independent of th
 root and the order of keys in YAML. The contract (DESIGN.md):
 
 - A stage builds into a private temporary folder beside the final one. Its ``manifest.json`` (stage,
-  key, config slice, upstream keys, versions, machine, git commit, wall time, peak memory, file
-  checksums, status) is written last, by an atomic rename, and then the whole folder is renamed into
-  place. A run killed at any point leaves at most a ``.tmp-*`` folder, which is never read and is swept later.
+  key, config slice, upstream keys and the :func:`build_id` of each upstream artifact it read,
+  versions, machine, git commit, wall time, peak memory, file checksums, status) is written last, by an
+  atomic rename, and then the whole folder is renamed into place. A run killed at any point leaves at
+  most a ``.tmp-*`` folder, which is never read and is swept later.
 - On reuse every file is checked against the manifest's SHA-256. A mismatch is a *miss*: it is
   reported, the damaged artifact is moved aside, and the stage is recomputed (never used silently).
 """
@@ -59,6 +60,13 @@ def checksums(folder: Path) -> dict[str, str]:
         if p.is_file() and p.name != MANIFEST:
             out[p.relative_to(folder).as_posix()] = file_sha256(p)
     return out
+
+
+def build_id(manifest: Mapping[str, Any]) -> str:
+    """Content fingerprint of one build of an artifact: a hash of its files' SHA-256 sums (from its
+    manifest). Two builds of one key share it only when every file is byte-identical, which a quantizer
+    run on another CPU kernel set or thread count is not (experiments/results/quantize.md)."""
+    return hashlib.sha256(canonical_json(manifest.get("files", {})).encode()).hexdigest()[:KEY_LENGTH]
 
 
 def peak_rss_mb() -> float:
@@ -237,6 +245,7 @@ class StageCache:
                 "status": "complete",
                 "config": config,
                 "upstream": dict(upstream),
+                "upstream_builds": self._upstream_builds(upstream),
                 "metrics": metrics,
                 "wall_time_s": round(time.time() - start, 3),
                 "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -257,6 +266,16 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return Artifact(stage, key, final)
+
+    def _upstream_builds(self, upstream: Mapping[str, str]) -> dict[str, str]:
+        """{stage: build_id} of the upstream artifacts this build consumed, so that a record can later be
+        told apart from one built on another build of the same upstream key."""
+        out = {}
+        for stage, key in upstream.items():
+            manifest = self.path(stage, key) / MANIFEST
+            if manifest.is_file():
+                out[stage] = build_id(json.loads(manifest.read_text()))
+        return out
 
     def get_or_build(
         self,

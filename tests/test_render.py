@@ -181,3 +181,78 @@ def test_repeat_quant_compare_hand_worked():
     same, diffs = compare(first, other)
     assert same == 2
     assert diffs == {0: (0.125, 0.25), 1: (0.1, 0.1)}  # median of (0, 1/4); |9 - 10| / 10
+
+
+def _rebuild(cache: StageCache, stage: str, key: str, content: str) -> None:
+    """Publish another build of (stage, key), same config and upstream, with a file of ``content``."""
+    info = json.loads((cache.path(stage, key) / "manifest.json").read_text())
+    cache.build(
+        stage,
+        key,
+        lambda out: (out / "weights.bin").write_text(content) and None,
+        config=info["config"],
+        upstream=info["upstream"],
+    )
+
+
+def test_rows_built_on_another_build_of_their_upstream_are_left_out(cache_root, tmp_path):
+    """A quantized model re-made under the same key (another machine) differs in its bytes; the init and
+    eval records built on the old one must not be shown beside records built on the new one."""
+    cache = StageCache(cache_root)
+    gsm = {"gsm8k": {"exact_match": 0.04, "correct": 2, "n": 50}}
+    keys = _fake_pipeline(cache, ["method=qwha", "bits=4"], {"layer_error_relative": 0.5}, gsm)
+    init_manifest = json.loads((cache.path("init", keys["init"]) / "manifest.json").read_text())
+    assert set(init_manifest["upstream_builds"]) == {"base", "calib", "quantize"}
+    assert "| 4 | wht | qwha | 0.5000 |" in render.table4(cache_root, "smollm2-135m")
+    assert "| 4 | – | 4.00 |" in render.table3(cache_root, "smollm2-135m")
+
+    _rebuild(cache, "quantize", keys["quantize"], "another machine's rounding")
+    assert render.init_runs(cache_root, "smollm2-135m") == []
+    assert "| 4 | wht | qwha |" not in render.table4(cache_root, "smollm2-135m")
+    # eval -> finetune -> init: the eval record is stale too
+    assert "| 4 | – | 4.00 |" not in render.table3(cache_root, "smollm2-135m")
+
+    # Rebuilding the init on the new quantized model brings the row back (eval still stale: its finetune
+    # was built on the old init).
+    _rebuild(cache, "init", keys["init"], "init on the new model")
+    report = {"summary": {"layer_error_relative": 0.3}}
+    (cache.path("init", keys["init"]) / "report.json").write_text(json.dumps(report))
+    assert "| 4 | wht | qwha | 0.3000 | – | – |" in render.table4(cache_root, "smollm2-135m")
+    assert "| 4 | – | 4.00 |" not in render.table3(cache_root, "smollm2-135m")
+
+
+def test_records_without_upstream_builds_fall_back_to_creation_times(tmp_path):
+    """Older manifests do not name their upstream builds: an upstream record created after the record
+    itself cannot be the one it read."""
+    runs = render.Runs(tmp_path)
+
+    def write(stage, key, created, upstream=None):
+        folder = tmp_path / stage / key
+        folder.mkdir(parents=True)
+        info = {"status": "complete", "created": created, "upstream": upstream or {}}
+        (folder / "manifest.json").write_text(json.dumps(info))
+
+    write("quantize", "q", "2026-11-23T18:22:31+0000")
+    write("init", "old", "2026-11-23T14:40:00+0000", {"quantize": "q"})
+    write("init", "new", "2026-11-23T18:30:00+0000", {"quantize": "q"})
+    write("init", "orphan", "2026-11-23T10:00:00+0000", {"quantize": "missing"})
+    assert [path.name for path, _ in runs.complete("init")] == ["new", "orphan"]
+    assert render._created({"created": "2026-11-23T18:22:31+0100"}) == render._created(
+        {"created": "2026-11-23T17:22:31+0000"}
+    )
+
+
+def test_table2_fig_rank_and_table5_leave_out_the_temperature_and_group_sweeps(cache_root):
+    cache = StageCache(cache_root)
+    res = {"gsm8k": {"exact_match": 0.0, "correct": 0, "n": 50}}
+    _fake_pipeline(cache, ["method=qwha", "bits=2"], {"layer_error_relative": 0.42}, res)
+    t_half = ["method=qwha", "bits=2", "init.temperature=0.5"]
+    _fake_pipeline(cache, t_half, {"layer_error_relative": 0.43}, res)
+    _fake_pipeline(cache, ["method=qwha", "bits=2", "group_size=32"], {"layer_error_relative": 0.44}, res)
+    _fake_pipeline(cache, ["method=cloq", "bits=2"], {"layer_error_relative": 0.56})  # no temperature
+    t2 = render.table2(cache_root, "smollm2-135m")
+    assert "| 2 | qwha | True | 0.4200 |" in t2 and "0.4300" not in t2 and "0.4400" not in t2
+    fig = render.fig_rank(cache_root, "smollm2-135m")
+    assert "| 2 | qwha | 64 | 0.4200 |" in fig and "| 2 | cloq | 64 | 0.5600 |" in fig
+    assert "0.4300" not in fig and "0.4400" not in fig
+    assert render.table5(cache_root, "smollm2-135m").count("| qwha | 2 | gsm8k |") == 1
