@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import published  # noqa: E402
-from qwha.cache import build_id  # noqa: E402
+from qwha.cache import build_id, machine_label  # noqa: E402
 
 TABLES = ("table2", "table3", "table4", "table5", "table13", "table14")
 FIGURES = ("fig_rank",)
@@ -510,15 +510,6 @@ def table4(cache: Runs | Path, model: str) -> str:
         run = row["run"]
         lines.append(f"| {run['bits']} | {run['transform']} | {run['init']} | {_ablation_cells(row)} |")
     return "\n".join(lines) + "\n"
-
-
-def machine_label(machine: dict | None) -> str:
-    """A manifest's ``machine`` record in a few words: the GPU, else ``CPU <kernel set> x<threads>``."""
-    if not machine:
-        return "–"
-    if machine.get("gpu"):
-        return str(machine["gpu"])
-    return f"CPU {machine.get('cpu_capability', '?')} x{machine.get('torch_threads', '?')}"
 
 
 def table5(cache: Runs | Path, model: str) -> str:

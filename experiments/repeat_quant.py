@@ -67,13 +67,17 @@ def build(layers: int, bits: int, group_size: int, out_json: Path) -> None:
     )
 
 
+def _layer(module: str) -> int:
+    """The decoder layer index in a module name (``model.layers.3.mlp.up_proj`` -> 3)."""
+    return int(module.split(".layers.")[1].split(".")[0])
+
+
 def compare(first: dict, other: dict) -> tuple[int, dict[int, tuple[float, float]]]:
     """(identical tensors, {layer: (median, max) relative difference of ‖ΔW X‖ against ``first``})."""
     same = sum(other["hashes"].get(k) == v for k, v in first["hashes"].items())
     per_layer: dict[int, list[float]] = {}
     for name, ref in first["dw_x"].items():
-        layer = int(name.split(".layers.")[1].split(".")[0])
-        per_layer.setdefault(layer, []).append(abs(other["dw_x"][name] - ref) / ref)
+        per_layer.setdefault(_layer(name), []).append(abs(other["dw_x"][name] - ref) / ref)
     return same, {k: (statistics.median(v), max(v)) for k, v in sorted(per_layer.items())}
 
 
@@ -103,7 +107,7 @@ def main() -> None:
             runs.append((label, json.loads(out.read_text())))
     first = runs[0][1]
     n = len(first["hashes"])
-    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in first["dw_x"]})
+    layers = sorted({_layer(k) for k in first["dw_x"]})
     title = f"MagR+GPTQ {args.bits}-bit, group {args.group_size}, first {args.layers} layers"
     print(f"\n{title}; differences against run 1\n")
     head = " | ".join(f"layer {k} median / max" for k in layers)

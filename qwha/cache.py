@@ -120,6 +120,16 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def machine_label(machine: Mapping[str, Any] | None) -> str:
+    """A ``machine`` record (:func:`machine_info`) in a few words: the GPU, else
+    ``CPU <kernel set> x<threads>``."""
+    if not machine:
+        return "–"
+    if machine.get("gpu"):
+        return str(machine["gpu"])
+    return f"CPU {machine.get('cpu_capability', '?')} x{machine.get('torch_threads', '?')}"
+
+
 def _git_commit() -> str | None:
     try:
         here = Path(__file__).resolve().parent

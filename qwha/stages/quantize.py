@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from qwha.artifacts import MODEL_DIR, QUANT_INFO, load_calibration
-from qwha.cache import machine_info
+from qwha.cache import machine_info, machine_label
 from qwha.stages.common import device, heldout_perplexity
 
 log = logging.getLogger("qwha.stages.quantize")
@@ -36,9 +36,8 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     dev = device(cfg)
     src = local_model_dir(base_model_ref(inputs["base"].path))
     calib = load_calibration(inputs["calib"].path) if "calib" in inputs else None
-    m = machine_info()
-    where = m["gpu"] or f"{m['cpu_capability']} kernels, {m['torch_threads']} torch thread(s)"
     # The rounding depends on the kernel set and thread count (experiments/results/quantize.md).
+    where = machine_label(machine_info())
     log.info("quantize: %s, %d-bit, group %d on %s (%s)", q.method, q.bits, q.group_size, dev, where)
     metrics = quantize_model(
         src,
