@@ -92,6 +92,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"group_size={cfg.group_size!r} must be a positive integer (32, 64, 128, 256)")
     if not DEVICES.match(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is unknown: allowed values are auto, cpu, cuda, cuda:N")
+    cd_iters = cfg.quant.get("cd_iters", 0)
+    if cd_iters != "auto" and (isinstance(cd_iters, bool) or not isinstance(cd_iters, int) or cd_iters < 0):
+        raise ConfigError(f"quant.cd_iters={cd_iters!r}: allowed values are auto or an integer >= 0")
     if cfg.quant.method != "none":
         hidden, inter = model_widths(cfg)
         bad = [w for w in sorted({hidden, inter}) if w % cfg.group_size]
