@@ -306,11 +306,15 @@ def check(cfg: DictConfig) -> dict[str, str]:
                 f"adapter.method={family}: allowed values are 1..{cap}"
             )
     if family == "wha":
-        explicit = f"alpha = {cfg.adapter.alpha:g}: explicit"
-        rules["alpha"] = resolve_alpha(cfg)[1] if _uses_recipe(cfg, "adapter.alpha", "alpha") else explicit
+        if _uses_recipe(cfg, "adapter.alpha", "alpha"):
+            rules["alpha"] = resolve_alpha(cfg)[1]
+        else:
+            rules["alpha"] = f"alpha = {cfg.adapter.alpha:g}: explicit"
         rules["scale"] = f"scale_norm = {cfg.adapter.scale_norm}"
-    explicit = f"lr = {cfg.train.lr:g}: explicit"
-    rules["lr"] = resolve_lr(cfg)[1] if _uses_recipe(cfg, "train.lr", "lr") else explicit
+    if _uses_recipe(cfg, "train.lr", "lr"):
+        rules["lr"] = resolve_lr(cfg)[1]
+    else:
+        rules["lr"] = f"lr = {cfg.train.lr:g}: explicit"
     if family in DROPOUT:
         rules["dropout"] = (
             resolve_dropout(cfg)[1]
