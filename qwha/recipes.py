@@ -290,7 +290,8 @@ def capacity(rank_family: str, shapes: dict[str, tuple[int, int]]) -> tuple[int,
 def check(cfg: DictConfig) -> dict[str, str]:
     """Resolve the recipe once, fail with one line where no rule applies, and log each rule used.
 
-    Returns ``{quantity: rule}`` (also logged at INFO).
+    Returns ``{quantity: rule}``, also logged as one INFO line (DEBUG under ``dry_run=true``, whose
+    output lists the stage keys only).
     """
     rules: dict[str, str] = {}
     rules["recipe"] = _recipe(cfg)
@@ -326,6 +327,6 @@ def check(cfg: DictConfig) -> dict[str, str]:
         if _uses_recipe(cfg, "train.max_steps", "max_steps", "steps")
         else f"max_steps = {cfg.train.max_steps}: explicit or the budget's"
     )
-    for k, v in rules.items():
-        log.info("recipe %s: %s", k, v)
+    level = logging.DEBUG if OmegaConf.select(cfg, "dry_run", default=False) else logging.INFO
+    log.log(level, "recipe: %s", "; ".join(f"{k}: {v}" for k, v in rules.items()))
     return rules
