@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import published  # noqa: E402
+from experiments.rows import eval_label, finetune_label, regime_note  # noqa: E402
 from qwha.cache import build_id, machine_label  # noqa: E402
 
 TABLES = ("table2", "table3", "table4", "table5", "table13", "table14")
@@ -153,6 +154,7 @@ def eval_runs(cache: Runs | Path, model: str) -> list[dict]:
         if res.get("model") == model:
             res["_path"] = str(path)
             res["_wall_s"] = info.get("wall_time_s")
+            res["method_name"] = eval_label(res, Runs.of(cache).manifest)
             runs.append(res)
     return runs
 
@@ -244,7 +246,7 @@ def _header(title: str, model: str, runs: int, note: str = "") -> list[str]:
     ]
     if note:
         lines += ["", note]
-    return lines + [""]
+    return lines + ["", regime_note(model), ""]
 
 
 # Table 3's row order (the paper's, then the second method family); other labels follow alphabetically.
@@ -528,7 +530,7 @@ def table5(cache: Runs | Path, model: str) -> str:
         if run.get("model") != model or not at_defaults(run):
             continue
         m = info.get("metrics", {})
-        label = _run_label(run)
+        label = finetune_label(run, info, Runs.of(cache).manifest)
         rows.append(
             {
                 "method": label,
