@@ -48,11 +48,10 @@ def _preset(method: str, model: str, bits: int, data: str) -> dict | None:
     if not (CONF / "method" / f"{method}.yaml").is_file() or not (CONF / "model" / f"{model}.yaml").is_file():
         return None
     from hydra import compose, initialize_config_dir
-
-    import qwha.config  # noqa: F401  (registers the recipe resolvers)
-
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    import qwha.config  # noqa: F401  (registers the recipe resolvers)
 
     overrides = [f"method={method}", f"model={model}", f"bits={bits}", f"data={data}"]
     try:
