@@ -149,6 +149,19 @@ def finetune_label(run: dict, finetune_info: dict, manifest: Manifest) -> str | 
     return label(name, run.get("model"), run.get("bits"), data, recorded)
 
 
+def table_rank(model: str) -> int:
+    """The rank at which the ablation tables (2, 4, 13, 14) compare rows: the model's default rank
+    (the paper's r = 64 on its models, the density-matched rank elsewhere: 12 on SmolLM2-135M).
+    Rows at another rank (SmolLM2's earlier r = 64 runs) are left out of those tables; fig_rank shows
+    every rank."""
+    path = CONF / "model" / f"{model}.yaml"
+    from qwha import recipes
+
+    if model in recipes.PAPER_MODELS or not path.is_file():
+        return recipes.PAPER_RANK
+    return recipes.matched_rank(recipes.layer_shapes(OmegaConf.load(path))["q_proj"][1])
+
+
 def regime_note(model: str) -> str:
     """The coefficient density of the model's default rank beside the paper's (a table header line)."""
     path = CONF / "model" / f"{model}.yaml"
@@ -177,7 +190,7 @@ def regime_note(model: str) -> str:
     return (
         f"Density: the paper's Llama-3.2-3B at r = 64 holds {paper:.2f} % of a 3072x3072 layer; here that "
         f"is r = {r} with alpha = {alpha:g} ({100 * recipes.density(r, h, h):.2f} % of a {h}x{h} layer), the "
-        f"default for this model. Rows at r = 64 (the earlier default) hold {lo:.1f}-{hi:.1f} % of each "
-        "layer, a different regime; Table 3/5 rows from earlier definitions say `(old: ...)` with their "
-        "recorded values (docs/protocol.md)."
+        f"default for this model. Runs at r = 64 (the earlier default) hold {lo:.1f}-{hi:.1f} % of each "
+        f"layer, a different regime: the ablation tables (2, 4, 13, 14) show r = {r} only, and Table 3/5 "
+        "rows from earlier definitions say `(old: ...)` with their recorded values (docs/protocol.md)."
     )
