@@ -48,18 +48,24 @@ def _preset(method: str, model: str, bits: int, data: str) -> dict | None:
     if not (CONF / "method" / f"{method}.yaml").is_file() or not (CONF / "model" / f"{model}.yaml").is_file():
         return None
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
     from omegaconf.errors import OmegaConfBaseException
 
     import qwha.config  # noqa: F401  (registers the recipe resolvers)
 
     overrides = [f"method={method}", f"model={model}", f"bits={bits}", f"data={data}"]
+    outer = get_gh_backup()  # a caller's own Hydra context (a test, an app) is set aside, then restored
+    GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException, ValueError):  # a preset that no longer composes
         return None
+    finally:
+        restore_gh_from_backup(outer)
 
 
 def _get(tree: dict, path: str):

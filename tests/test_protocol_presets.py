@@ -33,7 +33,7 @@ MODELS = ("llama3.2-3b", "llama3.1-8b", "mistral-7b-v0.3")
 BITS = (2, 3, 4)
 DATA = ("alpaca", "gsm8k")
 
-# Per preset: (Table 9 column, adapter.method, dropout, scale_norm, transform, dims, init.method).
+# Per preset: (Table 9 column, adapter.method, dropout, scale_norm, transform, dims, the init= option).
 # Low-rank baselines take CLoQ's rates and LoRA dropout 0.1; sparse/spectral ones QWHA's rates, dropout 0
 # and QWHA's code scale alpha/sqrt(d_in*d_out). SSH: 2-D DHT, W0-based half/half locations, no QA init;
 # LoCA: 2-D DCT, random locations, zero values; SHiRA: identity transform, random locations, zero values.
@@ -41,7 +41,7 @@ PRESETS = {
     "qlora": ("cloq", "lora", 0.1, None, None, None, "lora_zero"),
     "cloq": ("cloq", "lora", 0.1, None, None, None, "cloq"),
     "loftq": ("cloq", "lora", 0.1, None, None, None, "loftq"),
-    "qwha": ("qwha", "wha", 0.0, "reference", "wht", 1, "adaalloc"),
+    "qwha": ("qwha", "wha", 0.0, "reference", "wht", 1, "qwha"),
     "ssh": ("qwha", "wha", 0.0, "reference", "dht", 2, "ssh_w0"),
     "loca": ("qwha", "wha", 0.0, "reference", "dct", 2, "random_zero"),
     "shira": ("qwha", "wha", 0.0, "reference", "identity", 1, "random_zero"),
@@ -54,13 +54,15 @@ SHAPES = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def compose():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda *overrides: hydra_compose(config_name="config", overrides=list(overrides))
+        yield lambda *overrides: hydra_compose(
+            config_name="config", overrides=list(overrides), return_hydra_config=True
+        )
 
 
 def _lr(model: str, bits: int, data: str, column: str) -> float:
@@ -80,7 +82,7 @@ def test_preset_recipe_per_model_bits_data(compose, preset):
                 assert cfg.train.lr == pytest.approx(_lr(model, bits, data, column), rel=1e-12), where
                 a = cfg.adapter
                 assert a.method == family and a.dropout == dropout, where
-                assert cfg.init.method == init, where
+                assert cfg.hydra.runtime.choices.init == init, where
                 assert cfg.rank == a.rank == 64, where
                 if family == "wha":
                     assert (a.scale_norm, a.transform, a.dims) == (scale_norm, transform, dims), where
@@ -102,7 +104,7 @@ def test_qwha_init_is_quantization_aware_and_baselines_are_not(compose):
     assert (cfg.init.kind, cfg.init.method, cfg.init.refine) == ("sparse", "adaalloc", True)
     assert cfg.method_name == "qwha"
     for preset in ("ssh", "loca", "shira"):
-        assert compose(f"method={preset}").init.method in ("ssh_w0", "random_zero")
+        assert compose(f"method={preset}").hydra.runtime.choices.init in ("ssh_w0", "random_zero")
     # the QA-aware selection ablations keep their own names (Tables 2 and 4)
     for init in ("ssh", "loca", "random", "magnitude"):
         assert compose(f"init={init}").init.method == init
@@ -137,7 +139,7 @@ def test_paper_scale_variant_rescales_the_rate(compose):
 def test_lota_runs_its_own_recipe(compose):
     for data, steps, epochs in (("alpaca", 300, 1), ("gsm8k", None, 1)):
         cfg = compose("method=lota", "model=llama3.2-3b", f"data={data}", "budget=paper")
-        assert (cfg.adapter.method, cfg.init.method) == ("lota", "ternary_kaiming")
+        assert (cfg.adapter.method, cfg.hydra.runtime.choices.init) == ("lota", "lota")
         assert cfg.train.max_steps == steps and cfg.train.epochs == epochs
         assert cfg.train.effective_batch == 64 and cfg.data.mask_prompt is True
         assert (cfg.train.scheduler, cfg.train.warmup_ratio) == ("constant", 0.03)
@@ -216,3 +218,56 @@ def test_rank_beyond_capacity_fails_fast(tmp_path):
     assert len(lines) == 1, res.stderr
     assert "rank=145 exceeds the capacity of smollm2-135m's k_proj (192x576)" in lines[0]
     assert "allowed values are 1..144" in lines[0]
+
+
+def test_rows_label_old_definitions_and_keep_matching_ones():
+    from experiments import rows
+
+    # A SmolLM2 QWHA run recorded before the protocol revision: r = 64, alpha = 4000, alpha/d_in, 2e-4.
+    old = {
+        "init": {
+            "adapter": {
+                "method": "wha",
+                "transform": "wht",
+                "dims": 1,
+                "rank": 64,
+                "alpha": 4000.0,
+                "scale_norm": "paper",
+                "dropout": 0.0,
+            },
+            "init": {
+                "method": "adaalloc",
+                "refine": True,
+                "alloc_weight": "activation",
+                "score": "magnitude",
+            },
+        },
+        "finetune": {
+            "train": {"lr": 2e-4, "scheduler": "cosine", "warmup_ratio": 0.06},
+            "data": {"mask_prompt": True},
+        },
+    }
+    assert (
+        rows.label("qwha", "smollm2-135m", 4, "gsm8k", old) == "qwha (old: r=64, alpha=4000, scale=paper, lr)"
+    )
+    # the same run under today's definition (r = 12, alpha = 750, the code scale, Table 9's 7e-5)
+    new = {
+        "init": {
+            "adapter": {**old["init"]["adapter"], "rank": 12, "alpha": 750.0, "scale_norm": "reference"},
+            "init": old["init"]["init"],
+        },
+        "finetune": {**old["finetune"], "train": {**old["finetune"]["train"], "lr": 7e-5}},
+    }
+    assert rows.label("qwha", "smollm2-135m", 4, "gsm8k", new) == "qwha"
+    # the earlier SSH row: QA-aware selection on a 2-D DCT
+    ssh = {
+        "init": {
+            "adapter": {**new["init"]["adapter"], "transform": "dct", "dims": 2},
+            "init": {"method": "ssh", "refine": True},
+        }
+    }
+    label = rows.label("ssh", "smollm2-135m", 4, "gsm8k", ssh)
+    assert label.startswith("ssh (old: init=ssh") and "transform=dct" in label
+    assert rows.display("loca_fixed") == "loca (fixed locations)"
+    assert rows.label("custom", "smollm2-135m", 4, "gsm8k", {}) == "custom"
+    assert rows.table_rank("smollm2-135m") == 12 and rows.table_rank("llama3.1-8b") == 64
