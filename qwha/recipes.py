@@ -11,9 +11,10 @@ consumer (the stages, the cache keys, ``--cfg job --resolve``) sees the same num
   the authors' code scale α/√(d_in·d_out); a run with the paper's α/d_in multiplies them by
   :func:`paper_scale_lr_factor`. 8-bit has no published rate: the 4-bit one is used.
 - ``dropout``: LoRA family 0.1 (the paper's Table 8, CLoQ), sparse/spectral adapters 0.
-- ``rank`` / ``alpha``: the paper's r = 64, α = 4000 on the paper's models; on any other model, the
-  rank whose coefficient density ``p / (d_in·d_out)`` on the hidden × hidden layers matches
-  Llama-3.2-3B at r = 64 (``2r/d``: 4.17 %) and the α that gives those layers the same scale. An
+- ``rank`` / ``alpha``: the paper's r = 64, α = 4000 on the paper's models and on any model at least as
+  wide as Llama-3.2-3B (the paper runs r = 64 from 3B to 8B); on a narrower model, the rank whose
+  coefficient density ``p / (d_in·d_out)`` on the hidden × hidden layers matches Llama-3.2-3B at r = 64
+  (``2r/d``: 4.17 %) and the α that gives those layers the same scale. An
   explicit ``rank=`` (or ``adapter.alpha=``) replaces the interpolation and so always wins.
 - ``max_steps`` / ``steps``: LoTA-QAF's own recipe (``recipe=lota``) trains a fixed number of steps on
   Alpaca (300) and one epoch on GSM8K; ``max_steps`` is also bounded by ``model.max_steps`` (the embedded
@@ -140,6 +141,11 @@ def resolve_rank(root: DictConfig) -> tuple[int, str]:
     if _is_paper_model(root):
         return PAPER_RANK, f"r = {PAPER_RANK}: the paper's rank (Table 8)"
     h = layer_shapes(root.model)["q_proj"][1]
+    if h >= REFERENCE_HIDDEN:
+        return (
+            PAPER_RANK,
+            f"r = {PAPER_RANK}: the paper's rank (hidden size {h} >= Llama-3.2-3B's {REFERENCE_HIDDEN})",
+        )
     r = matched_rank(h)
     return r, (
         f"r = {r}: density-matched to Llama-3.2-3B at r = {PAPER_RANK} "
@@ -153,6 +159,8 @@ def resolve_alpha(root: DictConfig) -> tuple[float, str]:
     if _is_paper_model(root):
         return PAPER_ALPHA, f"alpha = {PAPER_ALPHA:g}: the paper's (Table 8)"
     h = layer_shapes(root.model)["q_proj"][1]
+    if h >= REFERENCE_HIDDEN:
+        return PAPER_ALPHA, f"alpha = {PAPER_ALPHA:g}: the paper's (hidden size {h} >= {REFERENCE_HIDDEN})"
     a = matched_alpha(h)
     return a, (
         f"alpha = {a:g}: Llama-3.2-3B's scale on {h}x{h} layers "

@@ -177,6 +177,13 @@ def test_hf_model_density_from_its_config_json(compose, tmp_path):
     assert cfg.rank == 19  # 64 * 896 / 3072 = 18.67
     assert cfg.adapter.alpha == pytest.approx(4000 * 896 / 3072)
     assert recipes.layer_shapes(cfg.model)["k_proj"] == (128, 896)  # 2 kv heads x 64
+    # a model as wide as the paper's keeps the paper's r = 64 and alpha = 4000 (as Llama-3.1-8B does)
+    (tmp_path / "config.json").write_text(
+        '{"hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40, '
+        '"num_key_value_heads": 8}'
+    )
+    wide = compose("model=hf", f"model.id={tmp_path}", "method=qwha")
+    assert (wide.rank, wide.adapter.alpha) == (64, 4000.0)
 
 
 def test_project_rates_are_logged_as_such(compose, caplog):
