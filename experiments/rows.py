@@ -165,7 +165,8 @@ def table_rank(model: str) -> int:
 
     if model in recipes.PAPER_MODELS or not path.is_file():
         return recipes.PAPER_RANK
-    return recipes.matched_rank(recipes.layer_shapes(OmegaConf.load(path))["q_proj"][1])
+    h = recipes.layer_shapes(OmegaConf.load(path))["q_proj"][1]
+    return recipes.PAPER_RANK if h >= recipes.REFERENCE_HIDDEN else recipes.matched_rank(h)
 
 
 def regime_note(model: str) -> str:
@@ -182,7 +183,7 @@ def regime_note(model: str) -> str:
         return ""
     h = shapes["q_proj"][1]
     paper = 100 * recipes.density(recipes.PAPER_RANK, recipes.REFERENCE_HIDDEN, recipes.REFERENCE_HIDDEN)
-    if model in recipes.PAPER_MODELS:
+    if model in recipes.PAPER_MODELS or h >= recipes.REFERENCE_HIDDEN:
         r = recipes.PAPER_RANK
         return (
             f"Density: r = {r} holds {100 * recipes.density(r, h, h):.2f} % of a {h}x{h} layer's "
