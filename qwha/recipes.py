@@ -305,13 +305,15 @@ def check(cfg: DictConfig) -> dict[str, str]:
     rules["recipe"] = _recipe(cfg)
     family = str(cfg.adapter.method)
     rules["rank"] = resolve_rank(cfg)[1] if _uses_recipe(cfg, "rank", "rank") else f"r = {cfg.rank}: explicit"
-    if isinstance(cfg.rank, int) and cfg.rank > 0 and family in ("wha", "lora", "lota"):
+    rank = OmegaConf.select(cfg, "adapter.rank", default=cfg.rank)
+    if isinstance(rank, int) and rank > 0 and family in ("wha", "lora", "lota"):
         shapes = layer_shapes(cfg.model)
         cap, layer = capacity(family, shapes)
-        if cfg.rank > cap:
+        if rank > cap:
             o, i = shapes[layer]
+            key = "rank" if rank == cfg.rank else "adapter.rank"
             raise _error(
-                f"rank={cfg.rank} exceeds the capacity of {cfg.model.name}'s {layer} ({o}x{i}) for "
+                f"{key}={rank} exceeds the capacity of {cfg.model.name}'s {layer} ({o}x{i}) for "
                 f"adapter.method={family}: allowed values are 1..{cap}"
             )
     if family == "wha":
