@@ -12,6 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from qwha import recipes
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STAGES = ("quantize", "init", "finetune", "eval", "all")
 BITS = (2, 3, 4, 8)
@@ -86,6 +88,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("model.id is required with model=hf: a Hugging Face id or a local folder")
     if not isinstance(cfg.bits, int) or cfg.bits not in BITS:
         raise ConfigError(f"bits={cfg.bits!r} is not supported: allowed values are 2, 3, 4, 8")
+    recipes.check(cfg)  # per-method recipe (lr, dropout, rank, alpha, steps): a rule for each, logged
     if not isinstance(cfg.rank, int) or cfg.rank <= 0:
         raise ConfigError(f"rank={cfg.rank!r} must be a positive integer")
     if not isinstance(cfg.group_size, int) or cfg.group_size <= 0:
