@@ -40,6 +40,7 @@ def key_config(cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
     from qwha.adapters import save_adapter
+    from qwha.adapters.loca import location_learner
     from qwha.data.sft import build_or_load_tokenized
     from qwha.finetune import train
 
@@ -75,6 +76,7 @@ def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
         run_name=run_name,
         config_to_log=OmegaConf.to_container(cfg, resolve=True),
         checkpoint_dir=work / "checkpoints",
+        step_hook=location_learner(model, cfg.adapter),  # LoCA's location learning, if enabled
     )
     save_adapter(_unwrapped(model), out / ADAPTER_DIR)
     keep = ("first_loss", "final_loss", "steps", "tokens_per_s", "step_time_s", "peak_mem_mb")

@@ -266,6 +266,7 @@ def _init_layer(
             temperature=float(ini.temperature),
             alloc_weight=str(ini.alloc_weight),
             score=str(ini.score),
+            weight=w.double(),  # W0: ranked by init=ssh_w0
         )
     else:
         kw = dict(
