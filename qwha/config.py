@@ -146,9 +146,15 @@ def _validate_baselines(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.adapter.method != "wha":
-        raise ConfigError(f"adapter.loca.enabled=true needs a sparse adapter (adapter.method=wha), got {cfg.adapter.method!r}")
+        raise ConfigError(
+            f"adapter.loca.enabled=true needs adapter.method=wha, got {cfg.adapter.method!r}: "
+            "allowed adapters are the sparse ones (dct2d, dht2d, wha, dca, dha, sparse, wht2d)"
+        )
     if cfg.train.fsdp:
-        raise ConfigError("train.fsdp=true does not fit adapter.loca.enabled=true: location updates need whole tensors; use DDP")
+        raise ConfigError(
+            "train.fsdp=true does not fit adapter.loca.enabled=true: location steps need whole tensors; "
+            "allowed: train.fsdp=false (DDP)"
+        )
 
 
 def _validate_lota(cfg: DictConfig) -> None:

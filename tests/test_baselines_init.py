@@ -48,12 +48,12 @@ def test_ssh_w0_top_half_is_the_dht_of_the_pretrained_weight(seed):
     d_out, d_in = 12, 20
     w0, w_q = _layer(d_out, d_in)
     p = 2 * (d_in + d_out)  # r = 2: 64 of 240 coefficients
-    out = initialize(
-        "ssh_w0", w0 - w_q, None, p, transform="dht", transform_out="dht", weight=w0, seed=seed
-    )
+    out = initialize("ssh_w0", w0 - w_q, None, p, transform="dht", transform_out="dht", weight=w0, seed=seed)
     got = flat_set(out["indices"], d_in)
     assert out["indices"].shape == (p, 2) and len(got) == p  # distinct
-    assert out["values"].dtype == torch.float64 and torch.equal(out["values"], torch.zeros(p, dtype=torch.float64))
+    assert out["values"].dtype == torch.float64 and torch.equal(
+        out["values"], torch.zeros(p, dtype=torch.float64)
+    )
 
     spectrum = np.abs(dht2_numpy(w0.numpy()))
     ranked = np.argsort(-spectrum.reshape(-1), kind="stable")
@@ -156,7 +156,9 @@ def test_init_stage_ranks_the_pretrained_weight():
     base = nn.Linear(d_in, d_out, bias=False)
     with torch.no_grad():
         base.weight.copy_(w_q.float())
-    model = attach_adapter(nn.Sequential(base), method="wha", rank=2, target_modules="0", transform="dht", dims=2)
+    model = attach_adapter(
+        nn.Sequential(base), method="wha", rank=2, target_modules="0", transform="dht", dims=2
+    )
     layer = model[0]
     x = torch.randn(d_in, 50, dtype=torch.float64)
     row = _init_layer(cfg, "0", layer, w0.float(), x @ x.T, 50, None)

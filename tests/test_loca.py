@@ -162,10 +162,14 @@ def test_moves_reorder_values_and_adamw_moments_together():
 
 def toy_loca_model():
     model = tiny_llama(seed=0, lora_rank=None)
-    model = attach_adapter(model, method="wha", rank=1, transform="dct", dims=2, scale_norm="paper", alpha=40.0)
+    model = attach_adapter(
+        model, method="wha", rank=1, transform="dct", dims=2, scale_norm="paper", alpha=40.0
+    )
     for layer in adapter_layers(model).values():  # random locations, values zero (init=random_zero)
         d_out, d_in = layer.out_features, layer.in_features
-        flat = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(d_out + d_in))[: layer.budget]
+        flat = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(d_out + d_in))[
+            : layer.budget
+        ]
         layer.set_sparse(torch.stack((flat // d_in, flat % d_in), 1), torch.zeros(layer.budget))
     return model
 
@@ -179,12 +183,26 @@ def test_trainer_alternates_locations_and_coefficients(tmp_path):
     loca = LoCAConfig(enabled=True, coef_steps=1, location_steps=2, learn_fraction=1.0, location_lr=0.05)
     learner = LocationLearner(model, loca)
     run = dict(
-        lr=1e-2, max_steps=6, micro_batch_size=2, effective_batch=4, warmup_ratio=0.0, save_every=0,
+        lr=1e-2,
+        max_steps=6,
+        micro_batch_size=2,
+        effective_batch=4,
+        warmup_ratio=0.0,
+        save_every=0,
         wandb={"mode": "disabled"},
     )
     states = [snapshot(model)]
-    train(model, None, copy_task(24), run, tmp_path, seed=1, device="cpu", step_hook=learner,
-          on_step=lambda step, row: states.append(snapshot(model)))
+    train(
+        model,
+        None,
+        copy_task(24),
+        run,
+        tmp_path,
+        seed=1,
+        device="cpu",
+        step_hook=learner,
+        on_step=lambda step, row: states.append(snapshot(model)),
+    )
     moved_any = False
     for t in range(6):
         phase = loca.phase(t, 6)
@@ -206,10 +224,21 @@ class Killed(Exception):
 
 def test_resume_restores_locations(tmp_path):
     loca = LoCAConfig(enabled=True, coef_steps=1, location_steps=2, learn_fraction=1.0, location_lr=0.05)
-    run = dict(lr=1e-2, max_steps=6, micro_batch_size=2, effective_batch=4, save_every=2, wandb={"mode": "disabled"})
+    run = dict(
+        lr=1e-2, max_steps=6, micro_batch_size=2, effective_batch=4, save_every=2, wandb={"mode": "disabled"}
+    )
     data = copy_task(24)
     straight = toy_loca_model()
-    train(straight, None, data, run, tmp_path / "a", seed=1, device="cpu", step_hook=LocationLearner(straight, loca))
+    train(
+        straight,
+        None,
+        data,
+        run,
+        tmp_path / "a",
+        seed=1,
+        device="cpu",
+        step_hook=LocationLearner(straight, loca),
+    )
 
     def kill_after_5(step, row):
         if step == 5:
@@ -218,12 +247,31 @@ def test_resume_restores_locations(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     first = toy_loca_model()
     with pytest.raises(Killed):
-        train(first, None, data, run, tmp_path / "b1", seed=1, device="cpu", checkpoint_dir=ckpt_dir,
-              on_step=kill_after_5, step_hook=LocationLearner(first, loca))
+        train(
+            first,
+            None,
+            data,
+            run,
+            tmp_path / "b1",
+            seed=1,
+            device="cpu",
+            checkpoint_dir=ckpt_dir,
+            on_step=kill_after_5,
+            step_hook=LocationLearner(first, loca),
+        )
     assert [s for s, _ in ckpt.list_checkpoints(ckpt_dir)] == [2, 4]
     resumed = toy_loca_model()  # locations as the init left them, until the checkpoint is read
-    out = train(resumed, None, data, run, tmp_path / "b2", seed=1, device="cpu", checkpoint_dir=ckpt_dir,
-                step_hook=LocationLearner(resumed, loca))
+    out = train(
+        resumed,
+        None,
+        data,
+        run,
+        tmp_path / "b2",
+        seed=1,
+        device="cpu",
+        checkpoint_dir=ckpt_dir,
+        step_hook=LocationLearner(resumed, loca),
+    )
     assert out["resumed_from_step"] == 4
     a, b = snapshot(straight), snapshot(resumed)
     for name in a:

@@ -81,7 +81,9 @@ class LoCAConfig:
         known = set(cls.__dataclass_fields__)
         extra = sorted(set(m) - known)
         if extra:
-            raise ValueError(f"adapter.loca.{extra[0]} is unknown: allowed keys are {', '.join(sorted(known))}")
+            raise ValueError(
+                f"adapter.loca.{extra[0]} is unknown: allowed keys are {', '.join(sorted(known))}"
+            )
         cfg = cls(**{k: m[k] for k in known if k in m})
         if not isinstance(cfg.enabled, bool):
             raise ValueError(f"adapter.loca.enabled={cfg.enabled!r} must be true or false")
@@ -109,7 +111,7 @@ class LoCAConfig:
 
 
 def neighbour_cells(rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
-    """Flat cells ``[p, 4]``: (r+1, k), (r−1, k), (r, k+1), (r, k−1), an edge's missing one replaced by (r, k)."""
+    """Flat cells ``[p, 4]``: (r+1, k), (r−1, k), (r, k+1), (r, k−1); a missing edge neighbour is (r, k)."""
     up = torch.clamp(rows + 1, max=d_out - 1)
     down = torch.clamp(rows - 1, min=0)
     right = torch.clamp(cols + 1, max=d_in - 1)
@@ -128,9 +130,13 @@ class LocationLearner:
     def __init__(self, model: nn.Module, config: LoCAConfig) -> None:
         self.config = config
         inner = unwrap_model(model)
-        self.layers: dict[str, WHALinear] = {n: m for n, m in inner.named_modules() if isinstance(m, WHALinear)}
+        self.layers: dict[str, WHALinear] = {
+            n: m for n, m in inner.named_modules() if isinstance(m, WHALinear)
+        }
         if not self.layers:
-            raise ValueError("adapter.loca.enabled=true needs a model with sparse (WHA-family) adapter layers")
+            raise ValueError(
+                "adapter.loca.enabled=true needs a model with sparse (WHA-family) adapter layers"
+            )
         self._u: dict[str, torch.Tensor] = {}
         self._m: dict[str, torch.Tensor] = {}
         self._v: dict[str, torch.Tensor] = {}
@@ -143,7 +149,9 @@ class LocationLearner:
             self._u[name] = self._positions(layer)
             self._m[name] = torch.zeros_like(self._u[name])
             self._v[name] = torch.zeros_like(self._u[name])
-        self._handles = [layer.register_forward_hook(self._forward_hook(n)) for n, layer in self.layers.items()]
+        self._handles = [
+            layer.register_forward_hook(self._forward_hook(n)) for n, layer in self.layers.items()
+        ]
 
     # ---- geometry -------------------------------------------------------------------------------
     @staticmethod
@@ -279,7 +287,9 @@ class LocationLearner:
         for n, layer in self.layers.items():
             s = state["layers"][n]
             if s["indices"].shape != layer.wha_indices.shape:
-                raise ValueError(f"checkpoint LoCA state: {n} has {s['indices'].numel()} locations, not {layer.budget}")
+                raise ValueError(
+                    f"checkpoint LoCA state: {n} has {s['indices'].numel()} locations, not {layer.budget}"
+                )
             layer.wha_indices.copy_(s["indices"].to(layer.wha_indices.device))
             dev = layer.wha_c.device
             self._u[n], self._m[n], self._v[n] = (s[k].to(dev).float() for k in ("u", "m", "v"))

@@ -1,8 +1,9 @@
 """Every adapter init as one function of a layer: `initialize(method, ΔW_Q, XXᵀ, budget, ...)`.
 
 Sparse methods (`zero, random, magnitude, ssh, loca, adaalloc`, and the baselines' own inits
-`random_zero, ssh_w0`; see `qwha.init.selection` for what each selects) return `{"kind": "sparse", "indices": LongTensor [p, 2] (row, col) row-major,
-"values": [p] float64}` with *unscaled* values: `ΔW = scatter(values, indices) · T_inᵀ`, or for the
+`random_zero, ssh_w0`; see `qwha.init.selection` for what each selects) return
+`{"kind": "sparse", "indices": LongTensor [p, 2] (row, col) row-major, "values": [p] float64}` with
+*unscaled* values: `ΔW = scatter(values, indices) · T_inᵀ`, or for the
 2-D ablation `ΔW = T_out · F · T_inᵀ`. The adapter divides by its scale `s` when it stores them.
 Low-rank methods (`lora_zero, cloq, loftq`) return `{"kind": "lowrank", "A": [r, d_in],
 "B": [d_out, r]}` (float64, `ΔW = B @ A`, unscaled), plus `"weight_q"` for LoftQ with more than one
