@@ -292,3 +292,31 @@ def test_config_keys_and_bad_values():
     ]:
         with pytest.raises(ConfigError, match=message):
             validate(compose("adapter=dct2d", "init=random_zero", "adapter.loca.enabled=true", override))
+
+
+def test_gradient_checkpointing_gives_the_same_locations(tmp_path):
+    """Recomputed forwards (non-reentrant checkpointing) must not add a second finite-difference sum."""
+    loca = LoCAConfig(enabled=True, coef_steps=1, location_steps=2, learn_fraction=1.0, location_lr=0.05)
+    data = copy_task(16)
+    out = {}
+    for ckpt_on in (False, True):
+        model = toy_loca_model()
+        run = dict(
+            lr=1e-2,
+            max_steps=3,
+            micro_batch_size=2,
+            effective_batch=4,
+            warmup_ratio=0.0,
+            save_every=0,
+            grad_checkpointing=ckpt_on,
+            wandb={"mode": "disabled"},
+        )
+        learner = LocationLearner(model, loca)
+        train(model, None, data, run, tmp_path / str(ckpt_on), seed=2, device="cpu", step_hook=learner)
+        out[ckpt_on] = (snapshot(model), learner.state_dict())
+    (a, sa), (b, sb) = out[False], out[True]
+    assert sa["adam_steps"] == sb["adam_steps"] == 2
+    for name in a:
+        assert torch.equal(a[name][0], b[name][0]), name
+        assert torch.allclose(a[name][1], b[name][1], rtol=1e-5, atol=1e-7), name
+        assert torch.allclose(sa["layers"][name]["m"], sb["layers"][name]["m"], rtol=1e-4, atol=1e-7), name

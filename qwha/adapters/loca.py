@@ -124,7 +124,7 @@ class LocationLearner:
 
     Per layer it keeps ``u [p, 2]`` (float32, normalised (row, col) positions, in the layer's storage
     order) and its Adam moments. ``moved`` counts the coefficients that changed cell in the last
-    location step (all layers).
+    location step (all layers), ``total_moved`` all such changes so far.
     """
 
     def __init__(self, model: nn.Module, config: LoCAConfig) -> None:
@@ -144,6 +144,8 @@ class LocationLearner:
         self._cells: dict[str, torch.Tensor] = {}
         self.adam_steps = 0
         self.moved = 0
+        self.total_moved = 0
+        self._total_steps: int | None = None
         self._capturing = False
         for name, layer in self.layers.items():
             self._u[name] = self._positions(layer)
@@ -173,6 +175,15 @@ class LocationLearner:
     # ---- the trainer's step hook ----------------------------------------------------------------
     def before_step(self, step: int, total_steps: int) -> None:
         """Before the forward passes of optimizer step ``step``: capture on location steps."""
+        if self._total_steps != total_steps:
+            self._total_steps = total_steps
+            n = sum(self.config.phase(t, total_steps) == LOCATIONS for t in range(total_steps))
+            (log.info if n else log.warning)(
+                "LoCA: %d location steps of %d (B_a = %d, B_l = %d, B_s = %d)%s",
+                *(n, total_steps, self.config.coef_steps, self.config.location_steps),
+                self.config.learn_until(total_steps),
+                "" if n else ": the locations stay fixed in this run",
+            )
         self._capturing = self.config.phase(step, total_steps) == LOCATIONS
         if not self._capturing:
             return
@@ -223,7 +234,10 @@ class LocationLearner:
             layer.wha_c.grad = None  # coefficients are frozen on location steps
         self._sums.clear()
         self._cells.clear()
+        self.total_moved += self.moved
         log.debug("LoCA location step %d: %d coefficients changed cell", step + 1, self.moved)
+        if self._total_steps is not None and self.config.phase(step + 1, self._total_steps) != LOCATIONS:
+            log.info("LoCA: after step %d, %d location changes so far", step + 1, self.total_moved)
 
     def _adam(self, name: str, grad: torch.Tensor) -> None:
         (b1, b2), t = _BETAS, self.adam_steps
