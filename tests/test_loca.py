@@ -320,3 +320,72 @@ def test_gradient_checkpointing_gives_the_same_locations(tmp_path):
         assert torch.equal(a[name][0], b[name][0]), name
         assert torch.allclose(a[name][1], b[name][1], rtol=1e-5, atol=1e-7), name
         assert torch.allclose(sa["layers"][name]["m"], sb["layers"][name]["m"], rtol=1e-4, atol=1e-7), name
+
+
+# ----------------------------------------------------------------------------------------- DDP
+DDP_RUN = dict(
+    lr=1e-2,
+    max_steps=3,
+    micro_batch_size=2,
+    effective_batch=8,
+    warmup_ratio=0.0,
+    save_every=0,
+    wandb={"mode": "disabled"},
+)
+DDP_LOCA = LoCAConfig(enabled=True, coef_steps=1, location_steps=2, learn_fraction=1.0, location_lr=0.05)
+
+
+def ddp_worker(out) -> None:
+    """Under torchrun: train the toy LoCA model, save this rank's locations, values and location state."""
+    import os
+
+    model = toy_loca_model()
+    learner = LocationLearner(model, DDP_LOCA)
+    train(model, None, copy_task(24), DDP_RUN, out / "run", seed=4, device="cpu", step_hook=learner)
+    torch.save((snapshot(model), learner.state_dict()), out / f"rank{os.environ['RANK']}.pt")
+
+
+@pytest.mark.slow
+def test_two_processes_learn_the_same_locations_as_one(tmp_path):
+    """2 processes (gloo) vs 1 at the same global batch: the same moves, values, and Adam moments of ``u``
+    (the per-rank sums are averaged like DDP's gradients: summing them would double the moments)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(Path(__file__).resolve()), str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    model = toy_loca_model()
+    learner = LocationLearner(model, DDP_LOCA)
+    train(model, None, copy_task(24), DDP_RUN, tmp_path / "one", seed=4, device="cpu", step_hook=learner)
+    ref, ref_state = snapshot(model), learner.state_dict()
+    (r0, s0), (r1, s1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert learner.total_moved > 0
+    for name in ref:
+        for k in (0, 1):
+            assert torch.equal(r0[name][k], r1[name][k]), name  # replicas identical
+        assert torch.equal(r0[name][0], ref[name][0]), name
+        torch.testing.assert_close(r0[name][1], ref[name][1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            s0["layers"][name]["m"], ref_state["layers"][name]["m"], rtol=1e-4, atol=1e-7
+        )
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    ddp_worker(Path(sys.argv[1]))

@@ -32,7 +32,8 @@ Deviations, each because the authors' choice does not fit this project's adapter
 
 The dense ``K`` of one layer lives only inside that layer's backward hook (one ``d_out × d_in``
 product, as the authors' DCT of the dense gradient); what persists is ``[p, 4]`` per layer. Under
-DDP the finite-difference sums are all-reduced before the location step. Location steps hold each
+DDP the finite-difference sums are averaged over processes (as DDP averages gradients) before the
+location step. Location steps hold each
 adapted layer's input until its backward (already the case without gradient checkpointing).
 
 ``LocationLearner`` is the trainer's step hook (``qwha.finetune.trainer.train(step_hook=...)``):
@@ -316,11 +317,13 @@ class LocationLearner:
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    """Average over processes, as DDP averages gradients (each rank's loss is scaled by the world size)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for t in tensors:
             dist.all_reduce(t)
+            t.div_(dist.get_world_size())
 
 
 def location_learner(model: nn.Module, adapter_cfg: Mapping[str, Any]) -> LocationLearner | None:
