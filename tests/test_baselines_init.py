@@ -20,7 +20,7 @@ from torch import nn
 from qwha.adapters import adapter_layers, attach_adapter
 from qwha.config import ConfigError, validate
 from qwha.init import initialize
-from tests.conftest import compose
+from tests.conftest import compose, run_cli
 from tests.gptq_layers import quantize_linears, rtn_grid, tiny_llama
 
 
@@ -175,3 +175,11 @@ def test_loftq_with_more_than_one_iteration_is_refused(iters):
     with pytest.raises(ConfigError, match=r"^init\.loftq_iters=\d+ .*allowed values: 1$"):
         validate(cfg)
     validate(compose("adapter=lora", "init=loftq", "init.loftq_iters=1"))
+
+
+def test_loftq_refusal_is_one_line_before_anything_runs(tmp_path):
+    res = run_cli("method=loftq", "init.loftq_iters=3", env={"QWHA_CACHE_PATH": str(tmp_path / "c")})
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "init.loftq_iters=3 is not supported" in lines[0], res.stderr
+    assert not (tmp_path / "c").exists()
