@@ -84,6 +84,19 @@ def test_location_step_moves_toward_the_lower_loss_neighbour():
     assert (before, after) == (4.0, 2.0)
 
 
+def test_warns_when_the_run_has_no_location_steps(caplog):
+    # budget=small's 30 steps with the paper's schedule: B_s = 3 < B_a = 10, so nothing moves
+    layer = one_coefficient_layer(3, 3, [[1, 1]], [2.0])
+    learner = LocationLearner(nn.Sequential(layer), LoCAConfig(enabled=True))
+    with caplog.at_level("INFO", logger="qwha.adapters.loca"):
+        learner.before_step(0, 30)
+    assert "LoCA: 0 location steps of 30" in caplog.text and "stay fixed" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="qwha.adapters.loca"):
+        learner.before_step(0, 600)
+    assert "LoCA: 40 location steps of 600 (B_a = 10, B_l = 20, B_s = 60)" in caplog.text
+
+
 def test_coefficient_steps_do_not_move_locations():
     layer = one_coefficient_layer(3, 3, [[1, 1]], [2.0])
     cfg = LoCAConfig(enabled=True, coef_steps=1, location_steps=1, learn_fraction=1.0, location_lr=0.3)
