@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from qwha.adapters import WHALinear, adapter_layers, attach_adapter
+from qwha.adapters import WHALinear, adapter_layers, attach_adapter, load_adapter, save_adapter
 from qwha.adapters.loca import LoCAConfig, LocationLearner, location_learner
 from qwha.config import ConfigError, validate
 from qwha.finetune import checkpoint as ckpt
@@ -229,6 +229,13 @@ def test_trainer_alternates_locations_and_coefficients(tmp_path):
         if phase == "coefficients":
             assert any(not torch.equal(states[t][n][1], states[t + 1][n][1]) for n in states[t])
     assert moved_any
+    # the learned locations are what the saved adapter holds: a fresh model loads the same function
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(tiny_llama(seed=0, lora_rank=None), tmp_path / "adapter")
+    ids = torch.randint(4, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 class Killed(Exception):
@@ -238,10 +245,17 @@ class Killed(Exception):
 def test_resume_restores_locations(tmp_path):
     loca = LoCAConfig(enabled=True, coef_steps=1, location_steps=2, learn_fraction=1.0, location_lr=0.05)
     run = dict(
-        lr=1e-2, max_steps=6, micro_batch_size=2, effective_batch=4, save_every=2, wandb={"mode": "disabled"}
+        lr=1e-2,
+        max_steps=6,
+        micro_batch_size=2,
+        effective_batch=4,
+        warmup_ratio=0.0,  # step 0 makes the values non-zero, so steps 1-2 (before the kill) move
+        save_every=2,
+        wandb={"mode": "disabled"},
     )
     data = copy_task(24)
     straight = toy_loca_model()
+    straight_learner = LocationLearner(straight, loca)
     train(
         straight,
         None,
@@ -250,7 +264,7 @@ def test_resume_restores_locations(tmp_path):
         tmp_path / "a",
         seed=1,
         device="cpu",
-        step_hook=LocationLearner(straight, loca),
+        step_hook=straight_learner,
     )
 
     def kill_after_5(step, row):
@@ -273,6 +287,8 @@ def test_resume_restores_locations(tmp_path):
             step_hook=LocationLearner(first, loca),
         )
     assert [s for s, _ in ckpt.list_checkpoints(ckpt_dir)] == [2, 4]
+    saved = torch.load(ckpt_dir / "step-4" / "state.pt", weights_only=False)["step_hook"]
+    assert saved["total_moved"] > 0 and saved["adam_steps"] == 2  # locations moved before the checkpoint
     resumed = toy_loca_model()  # locations as the init left them, until the checkpoint is read
     out = train(
         resumed,
@@ -283,9 +299,10 @@ def test_resume_restores_locations(tmp_path):
         seed=1,
         device="cpu",
         checkpoint_dir=ckpt_dir,
-        step_hook=LocationLearner(resumed, loca),
+        step_hook=(resumed_learner := LocationLearner(resumed, loca)),
     )
     assert out["resumed_from_step"] == 4
+    assert resumed_learner.total_moved == straight_learner.total_moved
     a, b = snapshot(straight), snapshot(resumed)
     for name in a:
         assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1]), name

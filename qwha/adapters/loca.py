@@ -282,7 +282,8 @@ class LocationLearner:
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Locations, ``u`` and its Adam moments per layer (CPU tensors), and the Adam step count."""
+        """Locations, ``u`` and its Adam moments per layer (CPU tensors), the Adam step count and
+        ``total_moved``."""
         layers = {
             n: {
                 "indices": layer.wha_indices.detach().cpu().clone(),
@@ -292,13 +293,14 @@ class LocationLearner:
             }
             for n, layer in self.layers.items()
         }
-        return {"adam_steps": self.adam_steps, "layers": layers}
+        return {"adam_steps": self.adam_steps, "total_moved": self.total_moved, "layers": layers}
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         if state is None or set(state.get("layers", {})) != set(self.layers):
             raise ValueError("the checkpoint has no LoCA location state for this model's adapter layers")
         self.adam_steps = int(state["adam_steps"])
+        self.total_moved = int(state.get("total_moved", 0))
         for n, layer in self.layers.items():
             s = state["layers"][n]
             if s["indices"].shape != layer.wha_indices.shape:

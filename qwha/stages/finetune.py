@@ -64,6 +64,7 @@ def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
         f"lr {cfg.train.lr:g}" if train_cfg.get("optimizer", "adamw") == "adamw" else "t-SignSGD",
         cfg.train.max_steps or "epochs",
     )
+    loca = location_learner(model, cfg.adapter)  # LoCA's location learning, if enabled
     run_name = cfg.train.wandb.name or f"{cfg.model.name}-{cfg.adapter.method}-{cfg.init.method}-b{cfg.bits}"
     metrics = train(
         model,
@@ -76,10 +77,13 @@ def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
         run_name=run_name,
         config_to_log=OmegaConf.to_container(cfg, resolve=True),
         checkpoint_dir=work / "checkpoints",
-        step_hook=location_learner(model, cfg.adapter),  # LoCA's location learning, if enabled
+        step_hook=loca,
     )
     save_adapter(_unwrapped(model), out / ADAPTER_DIR)
+    if loca is not None:  # how many times a coefficient changed cell (0: the locations stayed fixed)
+        metrics["loca_location_changes"] = loca.total_moved
     keep = ("first_loss", "final_loss", "steps", "tokens_per_s", "step_time_s", "peak_mem_mb")
+    keep += ("loca_location_changes",)
     metrics["summary"] = {k: metrics[k] for k in keep if k in metrics}
     return metrics
 
