@@ -352,6 +352,19 @@ def test_gradient_checkpointing_gives_the_same_locations(tmp_path):
         assert torch.allclose(sa["layers"][name]["m"], sb["layers"][name]["m"], rtol=1e-4, atol=1e-7), name
 
 
+def test_loca_keys_go_into_the_finetune_key_not_the_init_key():
+    from qwha.pipeline import stage_key
+
+    up = {"base": "b", "calib": "c", "quantize": "q", "init": "i"}
+    off = compose("adapter=dct2d", "init=random_zero")
+    on = compose("adapter=dct2d", "init=random_zero", "adapter.loca.enabled=true")
+    assert stage_key("init", off, up)[0] == stage_key("init", on, up)[0]
+    assert stage_key("finetune", off, up)[0] != stage_key("finetune", on, up)[0]
+    assert "loca" not in stage_key("init", on, up)[1]["adapter"]
+    sparse = compose("adapter=sparse", "init=random_zero")  # no adapter.loca: no loca in its key
+    assert "loca" not in stage_key("finetune", sparse, up)[1]
+
+
 # ----------------------------------------------------------------------------------------- DDP
 DDP_RUN = dict(
     lr=1e-2,

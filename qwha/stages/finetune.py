@@ -35,7 +35,10 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 def key_config(cfg: DictConfig) -> dict:
     train = {k: v for k, v in cfg.train.items() if k not in NOT_IN_KEY}
-    return {"data": cfg.data, "train": train, "seed": cfg.seed}
+    key = {"data": cfg.data, "train": train, "seed": cfg.seed}
+    if cfg.adapter.get("loca") is not None:  # LoCA's location learning (the init key leaves it out)
+        key["loca"] = cfg.adapter.loca
+    return key
 
 
 def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
