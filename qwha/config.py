@@ -122,6 +122,7 @@ def validate(cfg: DictConfig) -> None:
         )
     if method == "lota":
         _validate_lota(cfg)
+    _validate_baselines(cfg)
     if cfg.eval.target not in ("quantize", "init", "finetune"):
         raise ConfigError(
             f"eval.target={cfg.eval.target!r} is unknown: allowed values are quantize, init, finetune"
@@ -130,6 +131,36 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in ("auto", "packaged", "hub"):
             raise ConfigError(f"{key}={value!r} is unknown: allowed values are auto, packaged, hub")
+
+
+def _validate_baselines(cfg: DictConfig) -> None:
+    """LoftQ's iterations and LoCA's location learning (``adapter.loca``)."""
+    if cfg.init.method == "loftq":
+        iters = cfg.init.get("loftq_iters", 1)
+        if iters != 1:
+            raise ConfigError(
+                f"init.loftq_iters={iters!r} is not supported: more steps would re-quantize the base "
+                "weight, which the stored quantized model does not take; allowed values: 1"
+            )
+    loca = cfg.adapter.get("loca")
+    if loca is None or not loca.get("enabled", False):
+        return
+    from qwha.adapters.loca import LoCAConfig
+
+    try:
+        LoCAConfig.from_mapping(loca)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.adapter.method != "wha":
+        raise ConfigError(
+            f"adapter.loca.enabled=true needs adapter.method=wha, got {cfg.adapter.method!r}: "
+            "allowed adapters are the sparse ones (dct2d, dht2d, wha, dca, dha, sparse, wht2d)"
+        )
+    if cfg.train.fsdp:
+        raise ConfigError(
+            "train.fsdp=true does not fit adapter.loca.enabled=true: location steps need whole tensors; "
+            "allowed: train.fsdp=false (DDP)"
+        )
 
 
 def _validate_lota(cfg: DictConfig) -> None:
