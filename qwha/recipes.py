@@ -243,8 +243,18 @@ def resolve_max_steps(root: DictConfig) -> tuple[int | None, str]:
 
 
 def resolve_loca_name(root: DictConfig) -> tuple[str, str]:
-    on = bool(OmegaConf.select(root, "adapter.loca.enabled", default=False))
-    return ("loca", "LoCA with location learning") if on else ("loca_fixed", "LoCA, fixed locations")
+    """``loca`` when locations are learned during the run, else ``loca_fixed``: learning off, or a bounded
+    run too short to reach a location step (none before ``⌊learn_fraction · max_steps⌋ > coef_steps``)."""
+    loca = OmegaConf.select(root, "adapter.loca", default=None)
+    if loca is None or not loca.get("enabled", False):
+        return "loca_fixed", "LoCA, fixed locations (adapter.loca.enabled=false)"
+    steps = OmegaConf.select(root, "train.max_steps", default=None)
+    if steps is not None and math.floor(float(loca.learn_fraction) * int(steps)) <= int(loca.coef_steps):
+        return "loca_fixed", (
+            f"LoCA, fixed locations: {steps} steps give no location step (learn_fraction "
+            f"{loca.learn_fraction} of the run <= coef_steps {loca.coef_steps})"
+        )
+    return "loca", "LoCA with location learning"
 
 
 RESOLVERS = {

@@ -111,9 +111,13 @@ def test_qwha_init_is_quantization_aware_and_baselines_are_not(compose):
 
 
 def test_loca_row_name_follows_location_learning(compose):
-    cfg = compose("method=loca")
-    on = bool(OmegaConf.select(cfg, "adapter.loca.enabled", default=False))
-    assert cfg.method_name == ("loca" if on else "loca_fixed")
+    cfg = compose("method=loca", "model=llama3.2-3b")  # unbounded run: locations are learned
+    assert cfg.adapter.loca.enabled is True and cfg.method_name == "loca"
+    assert compose("method=loca", "adapter.loca.enabled=false").method_name == "loca_fixed"
+    # 30 steps: floor(0.1 * 30) = 3 <= coef_steps 10, so no location step is ever taken
+    assert compose("method=loca", "model=llama3.2-3b", "train.max_steps=30").method_name == "loca_fixed"
+    # 300 steps: 30 > 10, location steps happen
+    assert compose("method=loca", "model=llama3.2-3b", "train.max_steps=300").method_name == "loca"
 
 
 def _paper_scale_factor(h: int, i: int, kv: int) -> float:
