@@ -10,7 +10,7 @@ import logging
 import math
 
 import pytest
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 import qwha.config  # noqa: F401  (registers the resolvers)
 from qwha import recipes
