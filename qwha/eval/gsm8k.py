@@ -30,6 +30,11 @@ templates built from 100 GSM8K test questions. reasoning-gym does not record whi
 matching each generator's fixed wording against all 1319 test questions
 (``experiments/gsm_symbolic_gsm8k_ids.py`` recomputes the list and prints the match margins). Pass
 ``exclude_ids=GSM_SYMBOLIC_TEST_IDS`` to score a model fine-tuned on that data on the other 1219.
+
+Per-item records: :func:`run_gsm8k` returns one ``{"id", "generation", "pred", "gold", "correct"}`` per
+question and :func:`answer_nll` one ``{"id", "nll", "tokens"}`` per item (the item's summed loss in nats
+and its number of scored tokens, so the token-weighted aggregate and a bootstrap over items can be
+recomputed from them).
 """
 
 from __future__ import annotations
@@ -236,7 +241,8 @@ def run_gsm8k(
 
     Returns:
         ``{"exact_match": fraction in [0, 1], "n": questions scored, "correct": int, "unparsable": answers
-        with no number, "decoding": str, "samples": [{"id", "question", "output", "pred", "gold"}...]}``.
+        with no number, "decoding": str, "samples": [{"id", "question", "output", "pred", "gold"}...],
+        "records": [{"id", "generation", "pred", "gold", "correct"} per question]}``.
     """
     gen_kw = generation_kwargs(decoding, max_new_tokens)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -284,6 +290,10 @@ def run_gsm8k(
             {"id": it["id"], "question": it["question"], "output": o, "pred": p, "gold": g}
             for it, o, p, g in list(zip(items, outputs, preds, golds, strict=True))[:n_samples]
         ],
+        "records": [
+            {"id": it["id"], "generation": o, "pred": p, "gold": g, "correct": int(numbers_equal(p, g))}
+            for it, o, p, g in zip(items, outputs, preds, golds, strict=True)
+        ],
     }
 
 
@@ -307,7 +317,7 @@ def answer_nll(
 
     Returns:
         ``{"nll": nats per solution token (token-weighted over all items), "ppl": exp(nll), "tokens": int,
-        "n": items}``.
+        "n": items, "records": [{"id", "nll": the item's summed loss (nats), "tokens"} per item]}``.
     """
     from qwha.data.sft import IGNORE_INDEX, gsm8k_prompt, gsm8k_target, tokenize_sft
 
@@ -322,7 +332,8 @@ def answer_nll(
     device = getattr(model, "device", None) or torch.device("cpu")
     was_training = getattr(model, "training", False)
     model.eval()
-    total, count = 0.0, 0
+    item_nll: list[float] = []
+    item_tokens: list[int] = []
     try:
         for start in tqdm(range(0, len(data), batch_size), desc="gsm8k answer loss", unit="batch"):
             batch = data[start : start + batch_size]
@@ -337,17 +348,28 @@ def answer_nll(
                 mask[row, :n] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             shift = labels[:, 1:].to(logits.device)
-            total += torch.nn.functional.cross_entropy(
+            losses = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                 shift.reshape(-1),
                 ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ).item()
-            count += int((shift != IGNORE_INDEX).sum())
+                reduction="none",
+            ).view(shift.shape)  # [batch, width - 1], 0 at ignored positions
+            item_nll += losses.double().sum(1).tolist()
+            item_tokens += (shift != IGNORE_INDEX).sum(1).tolist()
     finally:
         if was_training:
             model.train()
+    count = sum(item_tokens)
     if count == 0:
         raise ValueError("gsm8k answer loss: no solution token left to score (raise max_length)")
-    nll = total / count
-    return {"nll": nll, "ppl": math.exp(nll), "tokens": count, "n": len(items)}
+    nll = math.fsum(item_nll) / count
+    return {
+        "nll": nll,
+        "ppl": math.exp(nll),
+        "tokens": count,
+        "n": len(items),
+        "records": [
+            {"id": it["id"], "nll": v, "tokens": int(t)}
+            for it, v, t in zip(items, item_nll, item_tokens, strict=True)
+        ],
+    }

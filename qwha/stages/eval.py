@@ -3,7 +3,14 @@
 Evaluates the artifact named by ``eval.target`` (quantized model, initialized or fine-tuned adapter) in
 memory, adapter unmerged. Which suites run follows the fine-tuning data as in the paper (Alpaca ->
 CSQA, GSM8K -> GSM8K) unless ``eval.csqa.enabled`` / ``eval.gsm8k.enabled`` say otherwise. Writes
-``results.json`` (metrics, per-task numbers, model, method, bits, seed, upstream keys).
+``results.json`` (metrics, per-task numbers, model, method, bits, seed, upstream keys) and the per-item
+records of each suite (``records_csqa.jsonl.gz``, ``records_gsm8k.jsonl.gz``: :mod:`qwha.eval.records`).
+
+Items: CSQA scores a seeded random sample of each task's documents (``eval.csqa.limit``,
+``eval.csqa.sample_seed``), the same for every method. GSM8K leaves out the 100 test questions behind the
+offline training data's templates for *every* row when that data is in use (``eval.gsm8k.exclude``), the
+untuned ones included, so all rows of a table score the same questions; exact match covers the first
+``eval.gsm8k.limit`` of them, the answer loss ``eval.gsm8k.answer_nll_limit`` (null: all).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from qwha.artifacts import RESULTS
+from qwha.config import ConfigError
+from qwha.eval.records import merge_gsm8k, records_file, write_records
 from qwha.stages.common import data_source, heldout_perplexity, load_model_for
 
 log = logging.getLogger("qwha.stages.eval")
@@ -26,12 +35,33 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 
 def key_config(cfg: DictConfig) -> dict:
-    # `auto` switches resolve against the fine-tuning data format and the offline flag, so they are keyed.
-    return {"eval": cfg.eval, "data_format": cfg.data.format, "offline": cfg.offline}
+    # `auto` switches resolve against the fine-tuning data (format, source) and the offline flag, so they
+    # are keyed.
+    return {
+        "eval": cfg.eval,
+        "data_format": cfg.data.format,
+        "offline": cfg.offline,
+        "gsm8k_exclude": gsm8k_exclude(cfg),
+    }
 
 
 def _enabled(value, fmt: str, wanted: str) -> bool:
     return fmt == wanted if value == "auto" else bool(value)
+
+
+GSM8K_EXCLUDE: tuple[str, ...] = ("auto", "gsm_symbolic", "none")
+
+
+def gsm8k_exclude(cfg: DictConfig) -> str:
+    """Which GSM8K test questions every row leaves out: ``gsm_symbolic`` (the 100 behind reasoning-gym's
+    templates) or ``none``. ``auto``: ``gsm_symbolic`` when the fine-tuning data resolves to the packaged
+    source, whatever the evaluated target, so tuned and untuned rows score the same questions."""
+    value = str(OmegaConf.select(cfg, "eval.gsm8k.exclude", default="auto"))
+    if value not in GSM8K_EXCLUDE:
+        raise ConfigError(f"eval.gsm8k.exclude={value!r}: allowed values are {', '.join(GSM8K_EXCLUDE)}")
+    if value == "auto":
+        return "gsm_symbolic" if data_source(str(cfg.data.source), cfg) == "packaged" else "none"
+    return value
 
 
 def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
@@ -56,6 +86,7 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
         "upstream": {name: art.key for name, art in inputs.items()},
     }
     summary: dict = {}
+    files: dict[str, str] = {}
     if e.perplexity.enabled:
         ppl = heldout_perplexity(model, tok, cfg)
         results["perplexity"] = ppl
@@ -70,14 +101,18 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
             source=source,
             limit=e.csqa.limit,
             batch_size=int(e.csqa.batch_size),
+            sample_seed=int(OmegaConf.select(e, "csqa.sample_seed", default=1234)),
         )
+        files["csqa"] = records_file("csqa")
+        res["n_records"] = write_records(out / files["csqa"], res.pop("records"))
         results["csqa"] = res
         summary["csqa_avg"] = res["average"]
     if _enabled(e.gsm8k.enabled, cfg.data.format, "gsm8k"):
         from qwha.eval.gsm8k import GSM_SYMBOLIC_TEST_IDS, answer_nll, run_gsm8k
 
-        # Models tuned on the packaged gsm_symbolic data have seen templates of 100 test questions.
-        trained_on_templates = e.target == "finetune" and data_source(str(cfg.data.source), cfg) == "packaged"
+        # The packaged gsm_symbolic data holds templates of 100 test questions: every row leaves them out.
+        exclude = gsm8k_exclude(cfg)
+        exclude_ids = GSM_SYMBOLIC_TEST_IDS if exclude == "gsm_symbolic" else ()
         res = run_gsm8k(
             model,
             tok,
@@ -87,23 +122,28 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
             decoding=str(e.gsm8k.decoding),
             max_new_tokens=int(e.gsm8k.max_new_tokens),
             seed=int(e.gsm8k.seed),
-            exclude_ids=GSM_SYMBOLIC_TEST_IDS if trained_on_templates else (),
+            exclude_ids=exclude_ids,
         )
-        res["excluded_gsm_symbolic_templates"] = trained_on_templates
+        res["excluded_gsm_symbolic_templates"] = exclude == "gsm_symbolic"
+        generations, losses = res.pop("records"), None
         if OmegaConf.select(e, "gsm8k.answer_nll", default=True):
             res["answer_nll"] = answer_nll(
                 model,
                 tok,
                 source=source,
-                limit=e.gsm8k.limit,
+                limit=OmegaConf.select(e, "gsm8k.answer_nll_limit", default=None),
                 batch_size=int(e.gsm8k.batch_size),
-                exclude_ids=GSM_SYMBOLIC_TEST_IDS if trained_on_templates else (),
+                exclude_ids=exclude_ids,
             )
+            losses = res["answer_nll"].pop("records")
             summary["gsm8k_answer_ppl"] = res["answer_nll"]["ppl"]
+        files["gsm8k"] = records_file("gsm8k")
+        res["n_records"] = write_records(out / files["gsm8k"], merge_gsm8k(generations, losses))
         results["gsm8k"] = res
         summary["gsm8k_em"] = res["exact_match"]
         summary["gsm8k_unparsable"] = res["unparsable"]
     results["summary"] = summary
+    results["records"] = files
     (out / RESULTS).write_text(json.dumps(results, indent=2, default=str))
     log.info("eval summary: %s", summary)
     return {"summary": summary}
