@@ -420,15 +420,19 @@ def difference_cell(replicates: list[dict], reference: list[dict], metric: str) 
     (e1, _, x1), (e2, _, x2) = _aggregate(replicates[0], metric), _aggregate(reference[0], metric)
     if e1 is None or e2 is None:
         return Cell()
+    excluded = {
+        (r.get("gsm8k") or {}).get("excluded_gsm_symbolic_templates") for r in (replicates[0], reference[0])
+    }
+    other = ", other questions" if metric != "csqa" and len(excluded) > 1 else ""
     if metric == "ppl" or x1 is None or x2 is None:
-        return Cell(e1 - e2, None, None, note=NO_ITEMS)
+        return Cell(e1 - e2, None, None, note=NO_ITEMS + other)
     if metric == "em":
         ci = stats.newcombe_difference(x1[0], x1[1], x2[0], x2[1])
     else:
         ci = stats.mean_of_proportions_difference(
             [p for p, _ in x1], [m for _, m in x1], [p for p, _ in x2], [m for _, m in x2]
         )
-    return Cell(e1 - e2, ci, None, note=f"unpaired {FROM_AGGREGATES}")
+    return Cell(e1 - e2, ci, None, note=f"unpaired {FROM_AGGREGATES}{other}")
 
 
 def _fmt_value(x: float, metric: str, signed: bool = False) -> str:
@@ -483,7 +487,8 @@ CELL_NOTE = (
     "bit width on the same items (paired bootstrap; rows evaluated on different quantized-model builds are "
     f"not paired). {FROM_AGGREGATES}: a run from before per-item records were kept: interval from its "
     "aggregates (Wilson from k/n; CSQA: normal from each task's accuracy and n), differences unpaired; "
-    f"'{NO_ITEMS}': nothing derivable (a perplexity)."
+    f"'{NO_ITEMS}': nothing derivable (a perplexity); 'other questions': the two rows scored different "
+    "GSM8K questions (older untuned rows kept the 100 template questions that tuned rows leave out)."
 )
 
 
