@@ -10,6 +10,11 @@ for a key both hold), keeps those of the requested model, and writes `<out>/<tab
 PNG for the figures). A record built on another build of one of its upstream keys than the record read
 for that key (a quantized model re-made on another machine: experiments/results/quantize.md) is left
 out, so one table never mixes two quantized models under one key.
+
+Evaluation cells carry n and a 95% interval, and Table 3 each method's paired difference to QWHA
+(:func:`estimate_cell`, :func:`difference_cell`; statistics in ``qwha/eval/stats.py``), computed from the
+per-item records an eval artifact keeps (``records_<suite>.jsonl.gz``, checked against its manifest);
+records from before those existed get intervals from their aggregates where derivable, marked.
 Runs are produced by `python -m qwha -m experiment=<table> model=<model> budget=<small|paper>`
 (`make <table>` does both).
 """
