@@ -304,7 +304,9 @@ def sequence_nll(
     """Each tokenized record's summed loss (nats) over its labelled tokens, and their number.
 
     ``data``: ``[{"input_ids": [L], "labels": [L]}]`` as :func:`qwha.data.sft.tokenize_sft` makes them
-    (label -100: not scored). Batches are right-padded, so positions match the unpadded sequences.
+    (label -100: not scored). Batches are right-padded, so positions match the unpadded sequences, and
+    built from records of similar length (sorted; results returned in the input order), which cuts the
+    padded tokens of the GSM8K test set by a third.
     """
     from qwha.data.sft import IGNORE_INDEX
 
@@ -314,11 +316,13 @@ def sequence_nll(
     device = getattr(model, "device", None) or torch.device("cpu")
     was_training = getattr(model, "training", False)
     model.eval()
-    item_nll: list[float] = []
-    item_tokens: list[int] = []
+    order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
+    item_nll: list[float] = [0.0] * len(data)
+    item_tokens: list[int] = [0] * len(data)
     try:
         for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch"):
-            batch = data[start : start + batch_size]
+            rows = order[start : start + batch_size]
+            batch = [data[i] for i in rows]
             width = max(len(d["input_ids"]) for d in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -336,8 +340,10 @@ def sequence_nll(
                 ignore_index=IGNORE_INDEX,
                 reduction="none",
             ).view(shift.shape)  # [batch, width - 1], 0 at ignored positions
-            item_nll += losses.double().sum(1).tolist()
-            item_tokens += (shift != IGNORE_INDEX).sum(1).tolist()
+            for i, v, t in zip(
+                rows, losses.double().sum(1).tolist(), (shift != IGNORE_INDEX).sum(1).tolist(), strict=True
+            ):
+                item_nll[i], item_tokens[i] = v, int(t)
     finally:
         if was_training:
             model.train()
