@@ -378,6 +378,8 @@ def estimate_cell(replicates: list[dict], metric: str, task: str | None = None) 
     per_rep = _per_item(replicates, metric, task)
     if per_rep is not None:
         keys = _common(per_rep)
+        if not keys:
+            return Cell(note="seeds share no items")
         arm = _arm(per_rep, keys, metric)
         if metric != "ppl" and (metric == "em" or task) and len(per_rep) == 1:
             k = int(arm.a.sum())
