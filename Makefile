@@ -16,7 +16,7 @@ PIP := $(PY) -m pip install -q
 PIPNOISE := { grep -v -E "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: help install run test test-slow lint format tables table2 table3 table4 table5 table7 table13 table14 fig_rank \
-        render archive clean-cache clean
+        render archive decisive clean-cache clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_ -]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -85,6 +85,13 @@ fig_rank: $(STAMP)  ## rank-budget figure (init only): error and perplexity afte
 	$(PY) experiments/render.py fig_rank --model $(MODEL)
 
 tables: $(TABLES) fig_rank  ## every table above and the rank-budget figure
+
+# The decisive comparison (experiments/decisive.py): a 3-point learning-rate sweep per method scored on held-out
+# training records, the selection, then Table 3's runs at each method's rate, SEEDS for QWHA and the best baseline.
+METHODS ?= qwha,cloq,ssh,loca,shira,qlora
+SEEDS ?= 0,1,2
+decisive: $(STAMP)  ## lr sweep on held-out training data -> selection -> seeded Table 3 runs: BITS=2|4 METHODS= SEEDS=
+	$(PY) experiments/decisive.py all --model $(MODEL) --bits $(BITS) --methods $(METHODS) --seeds $(SEEDS) $(ARGS)
 
 render: $(STAMP)  ## re-render every table from the cache and the archived records, running nothing
 	$(PY) experiments/render.py all --model $(MODEL)

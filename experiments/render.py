@@ -10,6 +10,11 @@ for a key both hold), keeps those of the requested model, and writes `<out>/<tab
 PNG for the figures). A record built on another build of one of its upstream keys than the record read
 for that key (a quantized model re-made on another machine: experiments/results/quantize.md) is left
 out, so one table never mixes two quantized models under one key.
+
+Evaluation cells carry n and a 95% interval, and Table 3 each method's paired difference to QWHA
+(:func:`estimate_cell`, :func:`difference_cell`; statistics in ``qwha/eval/stats.py``), computed from the
+per-item records an eval artifact keeps (``records_<suite>.jsonl.gz``, checked against its manifest);
+records from before those existed get intervals from their aggregates where derivable, marked.
 Runs are produced by `python -m qwha -m experiment=<table> model=<model> budget=<small|paper>`
 (`make <table>` does both).
 """
@@ -21,13 +26,20 @@ import json
 import os
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import published  # noqa: E402
-from experiments.rows import eval_label, finetune_label, regime_note, table_rank  # noqa: E402
-from qwha.cache import build_id, machine_label  # noqa: E402
+from experiments.rows import ablation_ranks, eval_label, finetune_label, regime_note  # noqa: E402
+from qwha.cache import build_id, file_sha256, machine_label  # noqa: E402
+from qwha.eval import stats  # noqa: E402
+from qwha.eval.csqa import CSQA_TASKS  # noqa: E402
+from qwha.eval.records import RECORD_FILES as ITEM_RECORD_FILES  # noqa: E402
+from qwha.eval.records import read_records  # noqa: E402
 
 TABLES = ("table2", "table3", "table4", "table5", "table13", "table14")
 FIGURES = ("fig_rank",)
@@ -45,6 +57,7 @@ RECORD_FILES = (
     "metrics.jsonl",
     "quant.json",
     "base_model.json",
+    *ITEM_RECORD_FILES,  # per-item eval records (compressed JSON lines)
 )
 STAGES = ("base", "calib", "quantize", "init", "finetune", "eval")
 
@@ -155,8 +168,31 @@ def eval_runs(cache: Runs | Path, model: str) -> list[dict]:
             res["_path"] = str(path)
             res["_wall_s"] = info.get("wall_time_s")
             res["method_name"] = eval_label(res, Runs.of(cache).manifest)
+            res["_files"] = info.get("files", {})
+            res["_created"] = _created(info)
+            # The quantized model the row was evaluated on: its key and build (None: not recorded).
+            res["_quant_build"] = (
+                info.get("upstream", {}).get("quantize"),
+                (info.get("upstream_builds") or {}).get("quantize"),
+            )
             runs.append(res)
     return runs
+
+
+def item_records(res: dict, suite: str) -> list[dict] | None:
+    """The per-item records of ``suite`` (csqa | gsm8k) of an eval result from :func:`eval_runs`, or None
+    where the run kept none (runs before they were written) or the file fails its manifest checksum."""
+    name = (res.get("records") or {}).get(suite)
+    if not name:
+        return None
+    path = Path(res["_path"]) / name
+    if not path.is_file():
+        return None
+    expected = res.get("_files", {}).get(name)
+    if expected is None or file_sha256(path) != expected:
+        print(f"render: {path} is not the file its manifest names; its items are left out", file=sys.stderr)
+        return None
+    return read_records(path)
 
 
 def _manifest(cache: Runs | Path, stage: str, key: str) -> dict:
@@ -217,14 +253,6 @@ def init_runs(cache: Runs | Path, model: str) -> list[dict]:
     return runs
 
 
-def _method(res: dict) -> str:
-    if res.get("method_name") not in (None, "custom"):
-        return res["method_name"]
-    if res.get("target") == "quantize":
-        return "gptq_magr"
-    return f"{res.get('adapter')}/{res.get('init')}"
-
-
 def _run_label(run: dict) -> str | None:
     """An init run's name in the tables: its method preset (``method=``), else its init."""
     return run.get("method_name") if run.get("method_name") not in (None, "custom") else run.get("init")
@@ -251,41 +279,285 @@ def _header(title: str, model: str, runs: int, note: str = "") -> list[str]:
 
 # Table 3's row order (the paper's, then the second method family); other labels follow alphabetically.
 TABLE3_ORDER = ("gptq_magr", "qlora", "cloq", "loftq", "ssh", "loca", "qwha", "qwha_reference", "lota")
+# The row every other row of its bit width is compared with, item by item.
+REFERENCE = "qwha"
 
 
 def _table3_rank(method: str) -> tuple[int, str]:
     return (TABLE3_ORDER.index(method) if method in TABLE3_ORDER else len(TABLE3_ORDER), method)
 
 
+# ---- cells: an estimate with its n and 95% interval, from per-item records or from the aggregates ----
+
+# metric -> (suite of its records, statistic over items)
+METRICS: dict[str, tuple[str, str]] = {
+    "csqa": ("csqa", "mean"),
+    "em": ("gsm8k", "mean"),
+    "ppl": ("gsm8k", "ppl"),
+}
+NO_ITEMS = "no per-item records"
+FROM_AGGREGATES = "†"
+
+
+@dataclass
+class Cell:
+    """One table cell: ``est`` with ``n`` items (x ``seeds``) and a 95% interval ``ci`` (None: none
+    derivable); ``k`` correct answers for a single-seed accuracy; ``note``: how the interval was had."""
+
+    est: float | None = None
+    ci: tuple[float, float] | None = None
+    n: int | None = None
+    seeds: int = 1
+    k: int | None = None
+    note: str = ""
+
+
+def _item_values(records: list[dict], metric: str, task: str | None = None) -> dict:
+    """``{item key: (a, b)}`` of one run's records for ``metric`` (see :class:`stats.Arm`)."""
+    if metric == "csqa":
+        tasks = (task,) if task else CSQA_TASKS
+        return {(r["task"], r["doc_id"]): (r["correct"], 1) for r in records if r["task"] in tasks}
+    if metric == "em":
+        return {r["id"]: (r["correct"], 1) for r in records if "correct" in r}
+    return {r["id"]: (r["nll"], r["tokens"]) for r in records if "nll" in r}
+
+
+def _per_item(replicates: list[dict], metric: str, task: str | None = None) -> list[dict] | None:
+    """Each replicate's ``{item: (a, b)}``, or None unless every replicate kept per-item records."""
+    out = []
+    for res in replicates:
+        recs = item_records(res, METRICS[metric][0])
+        if recs is None:
+            return None
+        values = _item_values(recs, metric, task)
+        if not values:
+            return None
+        out.append(values)
+    return out
+
+
+def _arm(per_rep: list[dict], keys: list, metric: str) -> stats.Arm:
+    a = np.array([[v[k][0] for k in keys] for v in per_rep], float)
+    b = np.array([[v[k][1] for k in keys] for v in per_rep], float)
+    strata = np.array([CSQA_TASKS.index(k[0]) for k in keys]) if metric == "csqa" else None
+    return stats.Arm(a=a, b=b, strata=strata, stat=METRICS[metric][1])
+
+
+def _common(*per_reps: list[dict]) -> list:
+    keys = set.intersection(*(set(v) for per_rep in per_reps for v in per_rep))
+    return sorted(keys, key=str)
+
+
+def _aggregate(res: dict, metric: str, task: str | None = None) -> tuple[float | None, int | None, object]:
+    """(estimate, n, what the interval needs) from a result's aggregates: per-task (value, n) pairs for
+    CSQA, (correct, n) for exact match, None for the perplexity (no interval without the items)."""
+    if metric == "csqa":
+        tasks = res.get("csqa", {}).get("tasks", {})
+        names = [task] if task else [t for t in CSQA_TASKS if t in tasks]
+        if not names or any(t not in tasks for t in names):
+            return None, None, None
+        pairs = [(tasks[t]["value"], int(tasks[t]["n"])) for t in names]
+        return float(np.mean([p for p, _ in pairs])), sum(n for _, n in pairs), pairs
+    g = res.get("gsm8k") or {}
+    if metric == "em":
+        if "exact_match" not in g:
+            return None, None, None
+        n = int(g.get("n", 0))
+        k = g.get("correct")
+        k = int(k) if k is not None else (round(g["exact_match"] * n) if n else None)
+        return float(g["exact_match"]), n or None, (k, n) if n else None
+    nll = g.get("answer_nll") or {}
+    return nll.get("ppl"), nll.get("n"), None
+
+
+def estimate_cell(replicates: list[dict], metric: str, task: str | None = None) -> Cell:
+    """The cell of one row (its replicates: one result per seed) for ``metric`` (csqa | em | ppl; with
+    ``task``: that CSQA task's accuracy). Per-item records: Wilson for a single-seed accuracy, else a
+    bootstrap over items (within tasks) and seeds. Aggregates only: Wilson from k/n, a normal interval
+    from each task's accuracy and n, nothing for a perplexity (:data:`NO_ITEMS`)."""
+    if not replicates:
+        return Cell()
+    per_rep = _per_item(replicates, metric, task)
+    if per_rep is not None:
+        keys = _common(per_rep)
+        if not keys:
+            return Cell(note="seeds share no items")
+        arm = _arm(per_rep, keys, metric)
+        if metric != "ppl" and (metric == "em" or task) and len(per_rep) == 1:
+            k = int(arm.a.sum())
+            return Cell(k / len(keys), stats.wilson_interval(k, len(keys)), len(keys), 1, k=k)
+        est, ci = stats.bootstrap_interval(arm)
+        return Cell(est, ci, len(keys), len(per_rep))
+    values = [_aggregate(r, metric, task) for r in replicates]
+    values = [v for v in values if v[0] is not None]
+    if not values:
+        return Cell()
+    if len(values) > 1:  # seeds without items: their mean, no interval
+        return Cell(float(np.mean([v[0] for v in values])), None, values[0][1], len(values), note=NO_ITEMS)
+    est, n, extra = values[0]
+    if metric == "ppl" or extra is None:
+        return Cell(est, None, n, note=NO_ITEMS)
+    if metric == "em" or task:
+        k, n = extra if metric == "em" else (round(extra[0][0] * extra[0][1]), extra[0][1])
+        return Cell(est, stats.wilson_interval(k, n), n, k=k, note=FROM_AGGREGATES)
+    ci = stats.mean_of_proportions_interval([p for p, _ in extra], [m for _, m in extra])
+    return Cell(est, ci, n, note=FROM_AGGREGATES)
+
+
+def _builds(replicates: list[dict]) -> set:
+    return {r.get("_quant_build", (None, None)) for r in replicates}
+
+
+def difference_cell(replicates: list[dict], reference: list[dict], metric: str) -> Cell:
+    """``metric(row) - metric(reference)`` with a 95% interval: paired over the items both scored (a
+    bootstrap drawing the same items for both, seeds resampled per row) when both kept per-item records
+    and were evaluated on the same quantized-model builds; else, from single-seed aggregates, an unpaired
+    interval (Newcombe for exact match, normal for the CSQA average); else none."""
+    if not replicates or not reference:
+        return Cell()
+    mine, theirs = _per_item(replicates, metric), _per_item(reference, metric)
+    if mine is not None and theirs is not None:
+        if _builds(replicates) != _builds(reference) or (None, None) in _builds(replicates):
+            return Cell(note="not paired: another quantized-model build")
+        keys = _common(mine, theirs)
+        if not keys:
+            return Cell(note="no common items")
+        est, ci = stats.paired_bootstrap_difference(_arm(mine, keys, metric), _arm(theirs, keys, metric))
+        return Cell(est, ci, len(keys), max(len(mine), len(theirs)), note="paired")
+    if len(replicates) > 1 or len(reference) > 1:
+        return Cell(note=NO_ITEMS)
+    (e1, _, x1), (e2, _, x2) = _aggregate(replicates[0], metric), _aggregate(reference[0], metric)
+    if e1 is None or e2 is None:
+        return Cell()
+    excluded = {
+        (r.get("gsm8k") or {}).get("excluded_gsm_symbolic_templates") for r in (replicates[0], reference[0])
+    }
+    other = ", other questions" if metric != "csqa" and len(excluded) > 1 else ""
+    if metric == "ppl" or x1 is None or x2 is None:
+        return Cell(e1 - e2, None, None, note=NO_ITEMS + other)
+    if metric == "em":
+        ci = stats.newcombe_difference(x1[0], x1[1], x2[0], x2[1])
+    else:
+        ci = stats.mean_of_proportions_difference(
+            [p for p, _ in x1], [m for _, m in x1], [p for p, _ in x2], [m for _, m in x2]
+        )
+    return Cell(e1 - e2, ci, None, note=f"unpaired {FROM_AGGREGATES}{other}")
+
+
+def _fmt_value(x: float, metric: str, signed: bool = False) -> str:
+    text = f"{100 * x:.1f}" if metric != "ppl" else (f"{x:.2f}" if abs(x) < 1000 else f"{x:.0f}")
+    return ("+" + text if signed and x >= 0 else text).replace("-", "−")
+
+
+def fmt_cell(cell: Cell, metric: str, signed: bool = False) -> str:
+    """``est [lo, hi] n=N`` (``k/n`` for a single-seed accuracy; ``n=Nx3`` with 3 seeds) and its note."""
+    if cell.est is None:
+        return cell.note or "–"
+    text = _fmt_value(cell.est, metric, signed)
+    if cell.ci is not None:
+        text += f" [{_fmt_value(cell.ci[0], metric, signed)}, {_fmt_value(cell.ci[1], metric, signed)}]"
+    if cell.k is not None and cell.seeds == 1:
+        text += f" {cell.k}/{cell.n}"
+    elif cell.n is not None:
+        text += f" n={cell.n}" + (f"×{cell.seeds}" if cell.seeds > 1 else "")
+    if cell.note and cell.note != "paired":
+        text += f" {cell.note}" if cell.note.startswith(FROM_AGGREGATES) else f", {cell.note}"
+    return text
+
+
+def _preference(res: dict, suite: str) -> tuple:
+    """Which of several records of one (row, seed) a table reads: one with per-item records, then the
+    one that scored more items, then the newest."""
+    block = res.get(suite) or {}
+    n = block.get("n") if suite == "gsm8k" else sum(t.get("n", 0) for t in block.get("tasks", {}).values())
+    return (bool((res.get("records") or {}).get(suite)), n or 0, res.get("_created", 0.0))
+
+
+def replicates_by_row(runs: list[dict], suite: str, row_key) -> dict[tuple, list[dict]]:
+    """``{row_key(result): [one result per seed]}`` for the results that hold ``suite``."""
+    by_seed: dict[tuple, dict] = {}
+    for r in runs:
+        if suite not in r:
+            continue
+        key = (row_key(r), r.get("seed"))
+        if key not in by_seed or _preference(r, suite) > _preference(by_seed[key], suite):
+            by_seed[key] = r
+    rows: dict[tuple, list[dict]] = defaultdict(list)
+    for (row, _seed), r in sorted(by_seed.items(), key=lambda kv: str(kv[0][1])):
+        rows[row].append(r)
+    return rows
+
+
+CELL_NOTE = (
+    "Each cell: estimate [95% interval] and n (items; x seeds when several seeds are replicates). "
+    "Accuracies: Wilson interval from k/n for one seed; the CSQA average (mean of the 7 tasks): bootstrap "
+    "over documents within tasks; answer perplexity exp(sum nll / sum tokens): bootstrap over questions; "
+    "with several seeds the bootstrap also resamples seeds. Δ vs qwha: the row minus the qwha row of its "
+    "bit width on the same items (paired bootstrap; rows evaluated on different quantized-model builds are "
+    f"not paired). {FROM_AGGREGATES}: a run from before per-item records were kept: interval from its "
+    "aggregates (Wilson from k/n; CSQA: normal from each task's accuracy and n), differences unpaired; "
+    f"'{NO_ITEMS}': nothing derivable (a perplexity); 'other questions': the two rows scored different "
+    "GSM8K questions (older untuned rows kept the 100 template questions that tuned rows leave out)."
+)
+
+
+def _method(res: dict) -> str:
+    if res.get("method_name") not in (None, "custom"):
+        return res["method_name"]
+    if res.get("target") == "quantize":
+        return "gptq_magr"
+    return f"{res.get('adapter')}/{res.get('init')}"
+
+
 def table3(cache: Runs | Path, model: str) -> str:
     runs = eval_runs(cache, model)
-    cells: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
-    for r in runs:
-        key = (_method(r), int(r["bits"]))
-        if "csqa" in r:
-            cells[key]["csqa"] = r["csqa"]["average"]
-        if "gsm8k" in r:
-            cells[key]["gsm8k"] = r["gsm8k"]["exact_match"]
-            cells[key]["answer_ppl"] = _answer_ppl(r["gsm8k"])
+    row_key = lambda r: (_method(r), int(r["bits"]))  # noqa: E731
+    csqa = replicates_by_row(runs, "csqa", row_key)
+    gsm = replicates_by_row(runs, "gsm8k", row_key)
+    rows = sorted(set(csqa) | set(gsm), key=lambda k: (-k[1], *_table3_rank(k[0])))
     lines = _header(
         "Table 3: methods x bits (CSQA avg / GSM8K, %)",
         model,
         len(runs),
         "Paper columns: Llama-3.2-3B (and 3.1-8B 2-bit where published). lota = LoTA-QAF (arXiv "
-        "2505.18724), the second method family: the QWHA paper publishes no numbers for it.",
+        "2505.18724), the second method family: the QWHA paper publishes no numbers for it. " + CELL_NOTE,
     )
     lines += [
-        "| method | bits | CSQA avg (ours) | GSM8K (ours) | GSM8K answer ppl (ours) | CSQA avg (paper 3B) "
-        "| GSM8K (paper 3B) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | bits | CSQA avg (ours) | Δ CSQA vs qwha | GSM8K EM (ours) | Δ EM vs qwha "
+        "| GSM8K answer ppl (ours) | Δ answer ppl vs qwha | CSQA avg (paper 3B) | GSM8K (paper 3B) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (method, bits), v in sorted(cells.items(), key=lambda kv: (-kv[0][1], *_table3_rank(kv[0][0]))):
+
+    def diff(method: str, bits: int, by_row: dict, metric: str) -> str:
+        if method == REFERENCE:
+            return "–"
+        cell = difference_cell(by_row.get((method, bits), []), by_row.get((REFERENCE, bits), []), metric)
+        return fmt_cell(cell, metric, signed=True)
+
+    for method, bits in rows:
+        c, g = csqa.get((method, bits), []), gsm.get((method, bits), [])
         paper = published.TABLE3.get(("llama3.2-3b", bits), {}).get(method)
         lines.append(
-            f"| {method} | {bits} | {_pct(v.get('csqa'))} | {_pct(v.get('gsm8k'))} | "
-            f"{_num(v.get('answer_ppl'))} | "
+            f"| {method} | {bits} | {fmt_cell(estimate_cell(c, 'csqa'), 'csqa')} | "
+            f"{diff(method, bits, csqa, 'csqa')} | {fmt_cell(estimate_cell(g, 'em'), 'em')} | "
+            f"{diff(method, bits, gsm, 'em')} | {fmt_cell(estimate_cell(g, 'ppl'), 'ppl')} | "
+            f"{diff(method, bits, gsm, 'ppl')} | "
             f"{_num(paper[0]) if paper else '–'} | {_num(paper[1]) if paper else '–'} |"
         )
+    scored = {t for reps in csqa.values() for r in reps for t in r["csqa"].get("tasks", {})}
+    tasks = [t for t in CSQA_TASKS if t in scored]
+    if tasks:
+        lines += [
+            "",
+            "CSQA per task (accuracy %, the task's metric: acc_norm for ARC, HellaSwag, OBQA, PIQA; acc for "
+            "BoolQ, WinoGrande), [Wilson 95%] k/n:",
+            "",
+            "| method | bits | " + " | ".join(tasks) + " |",
+            "|---|---|" + "---|" * len(tasks),
+        ]
+        for method, bits in [k for k in rows if k in csqa]:
+            cells = [fmt_cell(estimate_cell(csqa[(method, bits)], "csqa", task=t), "em") for t in tasks]
+            lines.append(f"| {method} | {bits} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -317,15 +589,16 @@ def table2(cache: Runs | Path, model: str) -> str:
         "Paper: average absolute layer error x1e3 on 4-bit Llama-3.2-3B (another scale: compare orderings).",
     )
     lines += [
-        "| bits | init | refine | rel. error (ours) | coverage | norm. rank | held-out ppl | paper x1e3 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| bits | r | init | refine | rel. error (ours) | coverage | norm. rank | held-out ppl "
+        "| paper x1e3 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    rows, rank = [], table_rank(model)
+    rows, ranks = [], ablation_ranks(model)
     for rep in runs:
         run, s = rep["run"], rep["summary"]
         name = run.get("init")
-        if run.get("adapter") != "wha" or run.get("transform") != "wht" or run.get("rank") != rank:
-            continue  # Table 2 compares selections on the WHT adapter at the model's table rank
+        if run.get("adapter") != "wha" or run.get("transform") != "wht" or run.get("rank") not in ranks:
+            continue  # Table 2 compares selections on the WHT adapter at the model's table ranks
         paper_key = "adaalloc" if name == "qwha" else name
         if name == "qwha" and not run.get("refine"):
             paper_key = "adaalloc_norefine"
@@ -336,6 +609,7 @@ def table2(cache: Runs | Path, model: str) -> str:
         rows.append(
             (
                 int(run["bits"]),
+                int(run["rank"]),
                 label,
                 bool(run.get("refine")),
                 s.get("layer_error_relative"),
@@ -345,9 +619,11 @@ def table2(cache: Runs | Path, model: str) -> str:
                 paper,
             )
         )
-    for bits, label, refine, err, cov, rank, ppl, paper in sorted(rows, key=lambda r: (-r[0], r[3] or 9)):
+    for bits, r, label, refine, err, cov, rank, ppl, paper in sorted(
+        rows, key=lambda r: (-r[0], r[1], r[4] or 9)
+    ):
         lines.append(
-            f"| {bits} | {label} | {refine} | {_num(err, '.4f')} | {_num(cov, '.3f')} | "
+            f"| {bits} | {r} | {label} | {refine} | {_num(err, '.4f')} | {_num(cov, '.3f')} | "
             f"{_num(rank, '.3f')} | {_num(ppl, '.1f')} | {_num(paper)} |"
         )
     return "\n".join(lines) + "\n"
@@ -367,31 +643,27 @@ def _evals_by_init(cache: Runs | Path, model: str) -> dict[str, list[dict]]:
 def _ablation(cache: Runs | Path, model: str, keep) -> list[dict]:
     """One row per init artifact that ``keep(run)`` accepts: the init's own numbers (layer error, held-out
     perplexity before any training) and, where the run was also fine-tuned and evaluated, its GSM8K,
-    CSQA and perplexity after tuning."""
+    CSQA and perplexity after tuning (the eval results themselves, one per seed, so that cells can read
+    their per-item records)."""
     evals = _evals_by_init(cache, model)
     rows = []
     for rep in init_runs(cache, model):
         if not keep(rep["run"]):
             continue
-        row = {"run": rep["run"], "init": rep["summary"], "gsm8k": None, "csqa": None, "ppl_tuned": None}
-        for res in evals.get(rep["_key"], []):
-            if "gsm8k" in res:
-                row["gsm8k"] = res["gsm8k"]
-                row["ppl_tuned"] = res.get("perplexity", {}).get("ppl")
-            if "csqa" in res:
-                row["csqa"] = res["csqa"]["average"]
-        rows.append(row)
+        mine = evals.get(rep["_key"], [])
+        gsm = next(iter(replicates_by_row(mine, "gsm8k", lambda r: 0).values()), [])
+        csqa = next(iter(replicates_by_row(mine, "csqa", lambda r: 0).values()), [])
+        ppl = [r.get("perplexity", {}).get("ppl") for r in gsm if r.get("perplexity")]
+        rows.append(
+            {
+                "run": rep["run"],
+                "init": rep["summary"],
+                "gsm8k": gsm,
+                "csqa": csqa,
+                "ppl_tuned": float(np.mean(ppl)) if ppl else None,
+            }
+        )
     return rows
-
-
-def _answer_ppl(gsm8k: dict | None) -> float | None:
-    return ((gsm8k or {}).get("answer_nll") or {}).get("ppl")
-
-
-def _em(gsm8k: dict | None) -> str:
-    if not gsm8k:
-        return "–"
-    return f"{100 * gsm8k['exact_match']:.1f} ({gsm8k.get('correct', '?')}/{gsm8k.get('n', '?')})"
 
 
 ABLATION_COLUMNS = (
@@ -401,10 +673,10 @@ ABLATION_COLUMNS = (
 )
 ABLATION_NOTE = (
     "Ours: the init's mean relative layer output error and held-out perplexity (no training), then, where "
-    "the run was fine-tuned and evaluated (`stage=all`), GSM8K exact match (correct/n), the perplexity of "
-    "the reference GSM8K solutions on the same questions (teacher-forced; it resolves differences that "
+    "the run was fine-tuned and evaluated (`stage=all`), GSM8K exact match, the perplexity of "
+    "the reference GSM8K solutions (teacher-forced; it resolves differences that "
     "0-2 correct answers cannot), held-out perplexity after tuning and the CSQA average. `–`: not run. "
-    "`make <table> STAGE=init` runs the init columns only (the default at `BUDGET=small`)."
+    "`make <table> STAGE=init` runs the init columns only (the default at `BUDGET=small`). " + CELL_NOTE
 )
 
 
@@ -412,18 +684,19 @@ def _ablation_cells(row: dict) -> str:
     s = row["init"]
     return (
         f"{_num(s.get('layer_error_relative'), '.4f')} | {_num(s.get('heldout_ppl'), '.1f')} | "
-        f"{_em(row['gsm8k'])} | {_num(_answer_ppl(row['gsm8k']), '.2f')} | {_num(row['ppl_tuned'], '.1f')} | "
-        f"{_pct(row['csqa'])}"
+        f"{fmt_cell(estimate_cell(row['gsm8k'], 'em'), 'em')} | "
+        f"{fmt_cell(estimate_cell(row['gsm8k'], 'ppl'), 'ppl')} | {_num(row['ppl_tuned'], '.1f')} | "
+        f"{fmt_cell(estimate_cell(row['csqa'], 'csqa'), 'csqa')}"
     )
 
 
-def _is_qwha(run: dict, rank: int = TABLE2_RANK) -> bool:
-    """The paper's QWHA init on the WHT adapter: AdaAlloc with refinement, at the Table 2 budget."""
+def _is_qwha(run: dict, ranks: tuple[int, ...] = (TABLE2_RANK,)) -> bool:
+    """The paper's QWHA init on the WHT adapter: AdaAlloc with refinement, at one of the table ranks."""
     return (
         run.get("init") == "qwha"
         and run.get("transform") == "wht"
         and bool(run.get("refine"))
-        and run.get("rank") == rank
+        and run.get("rank") in ranks
     )
 
 
@@ -433,18 +706,20 @@ def _sweep(cache: Runs | Path, model: str, field: str, title: str, paper: dict, 
     (``paper_bits``)."""
 
     def keep(run: dict) -> bool:
-        return _is_qwha(run, table_rank(model)) and run.get(field) is not None and at_defaults(run, but=field)
+        ranks = ablation_ranks(model)
+        return _is_qwha(run, ranks) and run.get(field) is not None and at_defaults(run, but=field)
 
     rows = _ablation(cache, model, keep)
     lines = _header(title, model, len(rows), ABLATION_NOTE)
     lines += [
-        f"| bits | {field} | {ABLATION_COLUMNS[0]} | paper GSM8K |",
-        f"|---|---|{ABLATION_COLUMNS[1]}|---|",
+        f"| bits | r | {field} | {ABLATION_COLUMNS[0]} | paper GSM8K |",
+        f"|---|---|---|{ABLATION_COLUMNS[1]}|---|",
     ]
-    for row in sorted(rows, key=lambda r: (-int(r["run"]["bits"]), r["run"][field])):
+    for row in sorted(rows, key=lambda r: (-int(r["run"]["bits"]), r["run"]["rank"], r["run"][field])):
         value, bits = row["run"][field], int(row["run"]["bits"])
         published_value = paper.get(value) if bits == paper_bits else None
-        lines.append(f"| {bits} | {fmt(value)} | {_ablation_cells(row)} | {_num(published_value)} |")
+        r = row["run"]["rank"]
+        lines.append(f"| {bits} | {r} | {fmt(value)} | {_ablation_cells(row)} | {_num(published_value)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -484,7 +759,7 @@ def table4(cache: Runs | Path, model: str) -> str:
             and run.get("transform") in TABLE4_TRANSFORMS
             and run.get("init") in TABLE4_SELECTIONS
             and bool(run.get("refine"))
-            and run.get("rank") == table_rank(model)
+            and run.get("rank") in ablation_ranks(model)
             and at_defaults(run)
         )
 
@@ -497,20 +772,23 @@ def table4(cache: Runs | Path, model: str) -> str:
         "budget, group 64).",
     )
     lines += [
-        f"| bits | transform | selection | {ABLATION_COLUMNS[0]} |",
-        f"|---|---|---|{ABLATION_COLUMNS[1]}|",
+        f"| bits | r | transform | selection | {ABLATION_COLUMNS[0]} |",
+        f"|---|---|---|---|{ABLATION_COLUMNS[1]}|",
     ]
     order = {t: i for i, t in enumerate(TABLE4_TRANSFORMS)}
     for row in sorted(
         rows,
         key=lambda r: (
             -int(r["run"]["bits"]),
+            r["run"]["rank"],
             order[r["run"]["transform"]],
             TABLE4_SELECTIONS.index(r["run"]["init"]),
         ),
     ):
         run = row["run"]
-        lines.append(f"| {run['bits']} | {run['transform']} | {run['init']} | {_ablation_cells(row)} |")
+        lines.append(
+            f"| {run['bits']} | {run['rank']} | {run['transform']} | {run['init']} | {_ablation_cells(row)} |"
+        )
     return "\n".join(lines) + "\n"
 
 

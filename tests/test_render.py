@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import json
+import math
+
+import numpy as np
+import pytest
 
 from experiments import render
 from qwha.cache import StageCache
+from qwha.eval import stats
+from qwha.eval.records import records_file, write_records
 from qwha.pipeline import stage_key
 from qwha.stages import get_stage
 from tests.conftest import compose
 
 
 def _fake_pipeline(
-    cache: StageCache, overrides: list[str], summary: dict, results: dict | None = None
+    cache: StageCache,
+    overrides: list[str],
+    summary: dict,
+    results: dict | None = None,
+    records: dict[str, list[dict]] | None = None,
 ) -> dict[str, str]:
     """Artifacts base -> calib -> quantize -> init (-> finetune -> eval when ``results`` is given) with the
-    real keys and manifests; fake contents. Returns the keys."""
+    real keys and manifests; fake contents; ``records``: per-item records of the eval artifact by suite.
+    Returns the keys."""
     cfg = compose(*overrides)
     keys: dict[str, str] = {}
     stages = ("base", "calib", "quantize", "init") + (("finetune", "eval") if results is not None else ())
@@ -29,8 +40,18 @@ def _fake_pipeline(
             if name == "finetune":
                 return {"step_time_s": 2.5, "tokens_per_s": 100.0, "effective_batch": 8}
             if name == "eval":
-                res = {"model": cfg.model.name, "target": "finetune", "bits": cfg.bits}
-                (out / "results.json").write_text(json.dumps({**res, **results}))
+                res = {
+                    "model": cfg.model.name,
+                    "target": "finetune",
+                    "bits": cfg.bits,
+                    "seed": cfg.seed,
+                    "method_name": cfg.method_name,
+                }
+                files = {}
+                for suite, recs in (records or {}).items():
+                    files[suite] = records_file(suite)
+                    write_records(out / files[suite], recs)
+                (out / "results.json").write_text(json.dumps({**res, **results, "records": files}))
             return {}
 
         if cache.lookup(name, key) is None:
@@ -100,7 +121,11 @@ def test_ablation_tables_join_init_and_eval_rows(cache_root):
     _fake_pipeline(cache, ["method=cloq", "bits=4"], {"layer_error_relative": 0.6})
 
     t13 = render.table13(cache_root, "smollm2-135m")
-    assert "| 4 | 1 | 0.5000 | 37.6 | 4.0 (2/50) | 3.21 | 41.5 | – | 41.47 |" in t13
+    # 2/50 without per-item records: Wilson interval from the counts (0.0110 to 0.1346), marked
+    assert (
+        "| 4 | 1 | 0.5000 | 37.6 | 4.0 [1.1, 13.5] 2/50 † | 3.21, no per-item records | 41.5 | – | 41.47 |"
+        in t13
+    )
     assert "| 4 | 0.5 | 0.5500 | – | – | – | – | – | 41.39 |" in t13
     assert "| 2 | 0.5 | 0.4200 | – | – | – | – | – | – |" in t13  # the paper's t sweep is 4-bit only
     assert "0.9000" not in t13 and "0.6000" not in t13 and "0.8000" not in t13  # unrefined, CLoQ, DCT
@@ -108,7 +133,7 @@ def test_ablation_tables_join_init_and_eval_rows(cache_root):
     t4 = render.table4(cache_root, "smollm2-135m")
     rows = [line for line in t4.splitlines() if line.startswith("| 4 |")]
     assert rows == [
-        "| 4 | wht | qwha | 0.5000 | 37.6 | 4.0 (2/50) | 3.21 | 41.5 | – |",
+        "| 4 | wht | qwha | 0.5000 | 37.6 | 4.0 [1.1, 13.5] 2/50 † | 3.21, no per-item records | 41.5 | – |",
         "| 4 | dct | random | 0.8000 | – | – | – | – | – |",
     ]  # t = 0.5 and the unrefined init are other tables' rows
 
@@ -158,7 +183,7 @@ def test_archived_records_render_the_same_tables_and_the_cache_wins(cache_root, 
     archived_only = render.Runs(tmp_path / "gone", runs_dir)
     for name, text in expected.items():
         assert render.RENDERERS[name](archived_only, "smollm2-135m") == text
-    assert "| 4 | wht | qwha | 0.5000 | – | 4.0 (2/50) | – | 41.5 | – |" in expected["table4"]
+    assert "| 4 | wht | qwha | 0.5000 | – | 4.0 [1.1, 13.5] 2/50 † | – | 41.5 | – |" in expected["table4"]
 
     # A newer run of the same key in the cache (here: a changed report) takes precedence over the archive.
     report = cache_root / "init" / keys["init"] / "report.json"
@@ -205,13 +230,13 @@ def test_rows_built_on_another_build_of_their_upstream_are_left_out(cache_root, 
     init_manifest = json.loads((cache.path("init", keys["init"]) / "manifest.json").read_text())
     assert set(init_manifest["upstream_builds"]) == {"base", "calib", "quantize"}
     assert "| 4 | wht | qwha | 0.5000 |" in render.table4(cache_root, "smollm2-135m")
-    assert "| 4 | – | 4.00 |" in render.table3(cache_root, "smollm2-135m")
+    assert "| qwha | 4 | – | – | 4.0 [1.1, 13.5] 2/50 † |" in render.table3(cache_root, "smollm2-135m")
 
     _rebuild(cache, "quantize", keys["quantize"], "another machine's rounding")
     assert render.init_runs(cache_root, "smollm2-135m") == []
     assert "| 4 | wht | qwha |" not in render.table4(cache_root, "smollm2-135m")
     # eval -> finetune -> init: the eval record is stale too
-    assert "| 4 | – | 4.00 |" not in render.table3(cache_root, "smollm2-135m")
+    assert "| qwha | 4 |" not in render.table3(cache_root, "smollm2-135m")
 
     # Rebuilding the init on the new quantized model brings the row back (eval still stale: its finetune
     # was built on the old init).
@@ -219,7 +244,7 @@ def test_rows_built_on_another_build_of_their_upstream_are_left_out(cache_root, 
     report = {"summary": {"layer_error_relative": 0.3}}
     (cache.path("init", keys["init"]) / "report.json").write_text(json.dumps(report))
     assert "| 4 | wht | qwha | 0.3000 | – | – |" in render.table4(cache_root, "smollm2-135m")
-    assert "| 4 | – | 4.00 |" not in render.table3(cache_root, "smollm2-135m")
+    assert "| qwha | 4 |" not in render.table3(cache_root, "smollm2-135m")
 
 
 def test_records_without_upstream_builds_fall_back_to_creation_times(tmp_path):
@@ -258,3 +283,129 @@ def test_table2_fig_rank_and_table5_leave_out_the_temperature_and_group_sweeps(c
     assert "| 2 | qwha | 12 | 0.4200 |" in fig and "| 2 | cloq | 12 | 0.5600 |" in fig
     assert "0.4300" not in fig and "0.4400" not in fig
     assert render.table5(cache_root, "smollm2-135m").count("| qwha | 2 | gsm8k |") == 1
+
+
+def _csqa_records(correct: dict[str, list[int]]) -> tuple[dict, list[dict]]:
+    """CSQA results (aggregates) and per-document records from each task's 0/1 list (doc ids 0, 1, ...)."""
+    recs = [
+        {"task": t, "doc_id": i, "gold": 0, "ll": [0.0, -1.0], "acc": c, "correct": c}
+        for t, cs in correct.items()
+        for i, c in enumerate(cs)
+    ]
+    tasks = {t: {"value": sum(cs) / len(cs), "n": len(cs)} for t, cs in correct.items()}
+    return {"csqa": {"tasks": tasks, "average": float(np.mean([v["value"] for v in tasks.values()]))}}, recs
+
+
+def _gsm_records(correct: list[int], nll: list[float], tokens: list[int]) -> tuple[dict, list[dict]]:
+    recs = [{"id": i, "nll": v, "tokens": t} for i, (v, t) in enumerate(zip(nll, tokens, strict=True))]
+    for i, c in enumerate(correct):
+        recs[i].update(generation="...", pred="1", gold="1" if c else "2", correct=c)
+    ppl = math.exp(sum(nll) / sum(tokens))
+    res = {"exact_match": sum(correct) / len(correct), "correct": sum(correct), "n": len(correct)}
+    return {"gsm8k": {**res, "answer_nll": {"ppl": ppl, "n": len(nll)}}}, recs
+
+
+def _row(text: str, method: str, bits: int) -> list[str]:
+    line = next(x for x in text.splitlines() if x.startswith(f"| {method} | {bits} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_table3_cells_from_per_item_records_hand_worked(cache_root):
+    """Exact match 3/10 -> Wilson; answer ppl exp(sum nll / sum tokens); an identical row's paired
+    difference is exactly 0; the CSQA average is the mean of the task accuracies."""
+    cache = StageCache(cache_root)
+    corr = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    nll, tok = [float(v) for v in range(1, 21)], [10] * 20
+    res, recs = _gsm_records(corr, nll, tok)
+    _fake_pipeline(cache, ["method=qwha", "bits=2"], {}, res, {"gsm8k": recs})
+    _fake_pipeline(cache, ["method=cloq", "bits=2"], {}, res, {"gsm8k": recs})  # the same answers
+    better = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    res2, recs2 = _gsm_records(better, [v - 1.0 for v in nll], tok)  # 1 nat less on every item
+    _fake_pipeline(cache, ["method=ssh", "bits=2"], {}, res2, {"gsm8k": recs2})
+    text = render.table3(cache_root, "smollm2-135m")
+    q = _row(text, "qwha", 2)
+    lo, hi = stats.wilson_interval(3, 10)
+    assert q[4] == f"30.0 [{100 * lo:.1f}, {100 * hi:.1f}] 3/10" and q[5] == "–"
+    ppl = math.exp(210 / 200)
+    assert q[6].startswith(f"{ppl:.2f} [") and q[6].endswith(" n=20")
+    c = _row(text, "cloq", 2)
+    assert c[5] == "+0.0 [+0.0, +0.0] n=10" and c[7] == "+0.00 [+0.00, +0.00] n=20"
+    s = _row(text, "ssh", 2)
+    # 2 of 10 items flip to correct, none back: a resample's difference is Binomial(10, 0.2) / 10, whose
+    # 2.5% and 97.5% quantiles are 0 (P(0) = 0.107) and 5 (P(<= 4) = 0.967, P(<= 5) = 0.994).
+    assert s[5] == "+20.0 [+0.0, +50.0] n=10"
+    d = math.exp(190 / 200) - ppl  # every item 1 nat lower: the paired interval sits below 0
+    assert s[7].startswith(f"{d:.2f} [".replace("-", "−")) and s[7].endswith("n=20")
+    lo_d, hi_d = (float(x.replace("−", "-")) for x in s[7].split("[")[1].split("]")[0].split(","))
+    assert lo_d < d < hi_d < 0
+
+
+def test_table3_csqa_average_and_per_task_cells(cache_root):
+    cache = StageCache(cache_root)
+    res, recs = _csqa_records({"boolq": [1, 0, 1, 1], "piqa": [1, 1, 0, 0, 0, 0, 1, 1]})
+    _fake_pipeline(cache, ["method=qwha", "bits=4", "data=alpaca"], {}, res, {"csqa": recs})
+    text = render.table3(cache_root, "smollm2-135m")
+    q = _row(text, "qwha", 4)
+    assert q[2].startswith("62.5 [") and q[2].endswith(" n=12")  # (3/4 + 4/8) / 2
+    lo, hi = stats.wilson_interval(3, 4)
+    per_task = [x for x in text.splitlines() if x.startswith("| qwha | 4 |")][-1]
+    assert f"| 75.0 [{100 * lo:.1f}, {100 * hi:.1f}] 3/4 | 50.0 [" in per_task
+
+
+def test_rows_on_other_quantized_models_are_not_paired(cache_root):
+    """Another seed draws another calibration sample, hence another quantized model: its row is shown
+    with its own interval but not paired with QWHA's."""
+    cache = StageCache(cache_root)
+    res, recs = _gsm_records([1, 0, 0, 0], [1.0, 2.0, 3.0, 4.0], [5] * 4)
+    _fake_pipeline(cache, ["method=qwha", "bits=2"], {}, res, {"gsm8k": recs})
+    _fake_pipeline(cache, ["method=cloq", "bits=2", "seed=1"], {}, res, {"gsm8k": recs})
+    c = _row(render.table3(cache_root, "smollm2-135m"), "cloq", 2)
+    assert c[4].endswith("1/4") and c[5] == "not paired: another quantized-model build"
+
+
+def test_seeds_are_replicates(cache_root):
+    """Two seeds of each row: the cell is the mean over seeds, n says x2, and the difference is paired
+    over items with both rows built on the same two quantized models."""
+    cache = StageCache(cache_root)
+    for seed, corr in ((0, [1, 1, 0, 0]), (1, [1, 0, 0, 0])):
+        res, recs = _gsm_records(corr, [1.0] * 4, [5] * 4)
+        _fake_pipeline(cache, ["method=qwha", "bits=2", f"seed={seed}"], {}, res, {"gsm8k": recs})
+        _fake_pipeline(cache, ["method=cloq", "bits=2", f"seed={seed}"], {}, res, {"gsm8k": recs})
+    text = render.table3(cache_root, "smollm2-135m")
+    q, c = _row(text, "qwha", 2), _row(text, "cloq", 2)
+    assert q[4].startswith("37.5 [") and q[4].endswith(" n=4×2")  # (2/4 + 1/4) / 2
+    assert c[5].startswith("+0.0 [") and c[5].endswith(" n=4×2")
+
+
+def test_archive_copies_item_records_and_a_damaged_one_is_left_out(cache_root, tmp_path, capsys):
+    cache = StageCache(cache_root)
+    res, recs = _gsm_records([1, 0, 0, 0], [1.0, 2.0, 3.0, 4.0], [5] * 4)
+    keys = _fake_pipeline(cache, ["method=qwha", "bits=2"], {}, res, {"gsm8k": recs})
+    runs_dir = tmp_path / "runs"
+    render.archive(cache_root, runs_dir)
+    archived = runs_dir / "eval" / keys["eval"] / "records_gsm8k.jsonl.gz"
+    assert (
+        archived.read_bytes() == (cache_root / "eval" / keys["eval"] / "records_gsm8k.jsonl.gz").read_bytes()
+    )
+    only = render.Runs(runs_dir)
+    assert render.table3(only, "smollm2-135m") == render.table3(cache_root, "smollm2-135m")
+    write_records(archived, recs[:2])  # not the file the manifest names
+    q = _row(render.table3(only, "smollm2-135m"), "qwha", 2)
+    assert q[4].endswith("1/4 †") and q[6].endswith("no per-item records")  # back to the aggregates
+    assert "is not the file its manifest names" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("metric", ["csqa", "em"])
+def test_unpaired_differences_from_aggregates(metric):
+    """Old records (no items): Newcombe for exact match, a normal interval for the CSQA average."""
+    if metric == "em":
+        a = {"gsm8k": {"exact_match": 0.8, "correct": 56, "n": 70}}
+        b = {"gsm8k": {"exact_match": 0.6, "correct": 48, "n": 80}}
+        expected = (0.0524, 0.3339)  # Newcombe (1998), example (a)
+    else:
+        a = {"csqa": {"tasks": {"boolq": {"value": 0.5, "n": 100}, "piqa": {"value": 0.8, "n": 400}}}}
+        b = {"csqa": {"tasks": {"boolq": {"value": 0.5, "n": 100}, "piqa": {"value": 0.8, "n": 400}}}}
+        half = 1.959963984540054 * math.sqrt(0.0029) / 2 * math.sqrt(2)
+        expected = (-half, half)
+    cell = render.difference_cell([a], [b], metric)
+    assert cell.ci == pytest.approx(expected, abs=6e-5) and "unpaired" in cell.note

