@@ -46,6 +46,7 @@ def _fake_pipeline(
                     "bits": cfg.bits,
                     "seed": cfg.seed,
                     "method_name": cfg.method_name,
+                    "data": cfg.data.name,
                 }
                 files = {}
                 for suite, recs in (records or {}).items():
@@ -80,8 +81,8 @@ def test_table2_rows_from_cached_init_artifacts(cache_root):
         (4, "qwha_reference", True),
     ]
     text = render.table2(cache_root, "smollm2-135m")
-    assert "| 2 | qwha | True | 0.4100 |" in text and "| 110.0 | 3.86 |" in text  # paper: AdaAlloc 3.86
-    assert "| 2 | qwha | False | 0.7700 |" in text and "| 7.06 |" in text  # paper: no refinement 7.06
+    assert "| 2 | 12 | qwha | True | 0.4100 |" in text and "| 110.0 | 3.86 |" in text  # paper: AdaAlloc 3.86
+    assert "| 2 | 12 | qwha | False | 0.7700 |" in text and "| 7.06 |" in text  # paper: no refinement 7.06
     assert "4 runs (cache and archived records)" in text
 
 
@@ -99,7 +100,7 @@ def test_fig_rank_series_and_png_and_table2_keeps_its_rank(cache_root, tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = render.table2(cache_root, "smollm2-135m")
     # SmolLM2's table rank is r = 12 (the density of Llama-3.2-3B at r = 64): the r = 8 runs stay out
-    assert "| 2 | qwha | True | 0.4100 |" in table
+    assert "| 2 | 12 | qwha | True | 0.4100 |" in table
     assert "0.8000" not in table and "0.7000" not in table
 
 
@@ -123,22 +124,22 @@ def test_ablation_tables_join_init_and_eval_rows(cache_root):
     t13 = render.table13(cache_root, "smollm2-135m")
     # 2/50 without per-item records: Wilson interval from the counts (0.0110 to 0.1346), marked
     assert (
-        "| 4 | 1 | 0.5000 | 37.6 | 4.0 [1.1, 13.5] 2/50 † | 3.21, no per-item records | 41.5 | – | 41.47 |"
+        "| 4 | 12 | 1 | 0.5000 | 37.6 | 4.0 [1.1, 13.5] 2/50 † | 3.21, no per-item records | 41.5 | – | 41.47 |"
         in t13
     )
-    assert "| 4 | 0.5 | 0.5500 | – | – | – | – | – | 41.39 |" in t13
-    assert "| 2 | 0.5 | 0.4200 | – | – | – | – | – | – |" in t13  # the paper's t sweep is 4-bit only
+    assert "| 4 | 12 | 0.5 | 0.5500 | – | – | – | – | – | 41.39 |" in t13
+    assert "| 2 | 12 | 0.5 | 0.4200 | – | – | – | – | – | – |" in t13  # the paper's t sweep is 4-bit only
     assert "0.9000" not in t13 and "0.6000" not in t13 and "0.8000" not in t13  # unrefined, CLoQ, DCT
 
     t4 = render.table4(cache_root, "smollm2-135m")
     rows = [line for line in t4.splitlines() if line.startswith("| 4 |")]
     assert rows == [
-        "| 4 | wht | qwha | 0.5000 | 37.6 | 4.0 [1.1, 13.5] 2/50 † | 3.21, no per-item records | 41.5 | – |",
+        "| 4 | 12 | wht | qwha | 0.5000 | 37.6 | 4.0 [1.1, 13.5] 2/50 † | 3.21, no per-item records | 41.5 | – |",
         "| 4 | dct | random | 0.8000 | – | – | – | – | – |",
     ]  # t = 0.5 and the unrefined init are other tables' rows
 
     t14 = render.table14(cache_root, "smollm2-135m")
-    assert "| 4 | 64 | 0.5000 |" in t14 and "| 2 | 64 | 0.4200 |" not in t14  # t = 0.5 is not Table 14's
+    assert "| 4 | 12 | 64 | 0.5000 |" in t14 and "| 2 | 12 | 64 | 0.4200 |" not in t14  # t = 0.5 is not Table 14's
 
 
 def test_table5_names_methods_from_their_init(cache_root):
@@ -183,14 +184,14 @@ def test_archived_records_render_the_same_tables_and_the_cache_wins(cache_root, 
     archived_only = render.Runs(tmp_path / "gone", runs_dir)
     for name, text in expected.items():
         assert render.RENDERERS[name](archived_only, "smollm2-135m") == text
-    assert "| 4 | wht | qwha | 0.5000 | – | 4.0 [1.1, 13.5] 2/50 † | – | 41.5 | – |" in expected["table4"]
+    assert "| 4 | 12 | wht | qwha | 0.5000 | – | 4.0 [1.1, 13.5] 2/50 † | – | 41.5 | – |" in expected["table4"]
 
     # A newer run of the same key in the cache (here: a changed report) takes precedence over the archive.
     report = cache_root / "init" / keys["init"] / "report.json"
     report.write_text(json.dumps({"summary": {"layer_error_relative": 0.25}}))
     both = render.Runs(cache_root, runs_dir)
-    assert "| 4 | wht | qwha | 0.2500 |" in render.table4(both, "smollm2-135m")
-    assert "| 4 | wht | qwha | 0.5000 |" in render.table4(render.Runs(runs_dir), "smollm2-135m")
+    assert "| 4 | 12 | wht | qwha | 0.2500 |" in render.table4(both, "smollm2-135m")
+    assert "| 4 | 12 | wht | qwha | 0.5000 |" in render.table4(render.Runs(runs_dir), "smollm2-135m")
 
 
 def test_repeat_quant_compare_hand_worked():
@@ -229,12 +230,12 @@ def test_rows_built_on_another_build_of_their_upstream_are_left_out(cache_root, 
     keys = _fake_pipeline(cache, ["method=qwha", "bits=4"], {"layer_error_relative": 0.5}, gsm)
     init_manifest = json.loads((cache.path("init", keys["init"]) / "manifest.json").read_text())
     assert set(init_manifest["upstream_builds"]) == {"base", "calib", "quantize"}
-    assert "| 4 | wht | qwha | 0.5000 |" in render.table4(cache_root, "smollm2-135m")
+    assert "| 4 | 12 | wht | qwha | 0.5000 |" in render.table4(cache_root, "smollm2-135m")
     assert "| qwha | 4 | – | – | 4.0 [1.1, 13.5] 2/50 † |" in render.table3(cache_root, "smollm2-135m")
 
     _rebuild(cache, "quantize", keys["quantize"], "another machine's rounding")
     assert render.init_runs(cache_root, "smollm2-135m") == []
-    assert "| 4 | wht | qwha |" not in render.table4(cache_root, "smollm2-135m")
+    assert "| 4 | 12 | wht | qwha |" not in render.table4(cache_root, "smollm2-135m")
     # eval -> finetune -> init: the eval record is stale too
     assert "| qwha | 4 |" not in render.table3(cache_root, "smollm2-135m")
 
@@ -243,7 +244,7 @@ def test_rows_built_on_another_build_of_their_upstream_are_left_out(cache_root, 
     _rebuild(cache, "init", keys["init"], "init on the new model")
     report = {"summary": {"layer_error_relative": 0.3}}
     (cache.path("init", keys["init"]) / "report.json").write_text(json.dumps(report))
-    assert "| 4 | wht | qwha | 0.3000 | – | – |" in render.table4(cache_root, "smollm2-135m")
+    assert "| 4 | 12 | wht | qwha | 0.3000 | – | – |" in render.table4(cache_root, "smollm2-135m")
     assert "| qwha | 4 |" not in render.table3(cache_root, "smollm2-135m")
 
 
@@ -277,7 +278,7 @@ def test_table2_fig_rank_and_table5_leave_out_the_temperature_and_group_sweeps(c
     _fake_pipeline(cache, ["method=qwha", "bits=2", "group_size=32"], {"layer_error_relative": 0.44}, res)
     _fake_pipeline(cache, ["method=cloq", "bits=2"], {"layer_error_relative": 0.56})  # no temperature
     t2 = render.table2(cache_root, "smollm2-135m")
-    assert "| 2 | qwha | True | 0.4200 |" in t2 and "0.4300" not in t2 and "0.4400" not in t2
+    assert "| 2 | 12 | qwha | True | 0.4200 |" in t2 and "0.4300" not in t2 and "0.4400" not in t2
     fig = render.fig_rank(cache_root, "smollm2-135m")
     # the embedded model's default rank is 12 (the density of Llama-3.2-3B at r = 64)
     assert "| 2 | qwha | 12 | 0.4200 |" in fig and "| 2 | cloq | 12 | 0.5600 |" in fig
