@@ -296,7 +296,13 @@ class BuildLock:
     # ------------------------------------------------------------------------------- flock
     def _acquire_flock(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:
+                    continue  # released (unlinked) meanwhile
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -306,6 +312,8 @@ class BuildLock:
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    if created:  # an empty file would read as a lock taken by the fallback
+                        self.path.unlink(missing_ok=True)
                     raise LockUnsupported(e.errno, e.strerror) from None
                 raise
             try:

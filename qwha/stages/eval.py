@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from qwha.artifacts import RESULTS
-from qwha.stages.common import data_source, heldout_perplexity, load_model_for
+from qwha.stages.common import data_source, heldout_perplexity, heldout_text_source, load_model_for
 
 log = logging.getLogger("qwha.stages.eval")
 
@@ -26,8 +26,18 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 
 def key_config(cfg: DictConfig) -> dict:
-    # `auto` switches resolve against the fine-tuning data format and the offline flag, so they are keyed.
-    return {"eval": cfg.eval, "data_format": cfg.data.format, "offline": cfg.offline}
+    # `auto` switches resolve against the fine-tuning data format and the offline flag, so they are keyed,
+    # as is the resolved held-out text (the model's own when eval.source=auto). results.json records the
+    # seed and the method's table label, which the tables read: keyed too.
+    return {
+        "eval": cfg.eval,
+        "data_format": cfg.data.format,
+        "data_source": data_source(str(cfg.data.source), cfg),
+        "offline": cfg.offline,
+        "heldout_text": heldout_text_source(cfg),
+        "seed": cfg.seed,
+        "method_name": cfg.method_name,
+    }
 
 
 def _enabled(value, fmt: str, wanted: str) -> bool:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from qwha.artifacts import ADAPTER_DIR, INIT_REPORT, MODEL_DIR, load_calibration
-from qwha.stages.common import device, heldout_perplexity
+from qwha.stages.common import device, heldout_perplexity, heldout_text_source
 
 log = logging.getLogger("qwha.stages.init")
 
@@ -41,8 +41,17 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 
 def key_config(cfg: DictConfig) -> dict:
-    # The report holds the initialized model's held-out perplexity, so its settings are part of the key.
-    return {"adapter": cfg.adapter, "init": cfg.init, "seed": cfg.seed, "perplexity": cfg.eval.perplexity}
+    # The report holds the initialized model's held-out perplexity, so its settings (and the resolved
+    # held-out text) are part of the key. init.gram_budget_gb only splits the calibration forwards into
+    # passes over fewer modules each (the same forwards, the same float64 sums): not keyed.
+    p = cfg.eval.perplexity
+    heldout = {"enabled": bool(p.enabled)}
+    if p.enabled:
+        heldout.update(
+            text=heldout_text_source(cfg), window=p.window, stride=p.stride, max_tokens=p.max_tokens
+        )
+    init = {k: v for k, v in cfg.init.items() if k != "gram_budget_gb"}
+    return {"adapter": cfg.adapter, "init": init, "seed": cfg.seed, "heldout": heldout}
 
 
 # Grams of the last full-precision model and calibration sample, kept for the next init in the same
