@@ -28,7 +28,7 @@ def upstream(cfg: DictConfig) -> list[str]:
 def key_config(cfg: DictConfig) -> dict:
     # `auto` switches resolve against the fine-tuning data format and the offline flag, so they are keyed,
     # as is the resolved held-out text (the model's own when eval.source=auto). results.json records the
-    # seed and the method's table label, which the tables read: keyed too.
+    # seed and the model's and method's names, which the tables read: keyed too.
     return {
         "eval": cfg.eval,
         "data_format": cfg.data.format,
@@ -36,7 +36,7 @@ def key_config(cfg: DictConfig) -> dict:
         "offline": cfg.offline,
         "heldout_text": heldout_text_source(cfg),
         "seed": cfg.seed,
-        "method_name": cfg.method_name,
+        "labels": {"model": cfg.model.name, "method_name": cfg.method_name},
     }
 
 

@@ -51,7 +51,9 @@ def key_config(cfg: DictConfig) -> dict:
             text=heldout_text_source(cfg), window=p.window, stride=p.stride, max_tokens=p.max_tokens
         )
     init = {k: v for k, v in cfg.init.items() if k != "gram_budget_gb"}
-    return {"adapter": cfg.adapter, "init": init, "seed": cfg.seed, "heldout": heldout}
+    # report.json records the model's and the method's names, which the tables filter and label by.
+    labels = {"model": cfg.model.name, "method_name": cfg.method_name}
+    return {"adapter": cfg.adapter, "init": init, "seed": cfg.seed, "heldout": heldout, "labels": labels}
 
 
 # Grams of the last full-precision model and calibration sample, kept for the next init in the same
