@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qwha.cache import Artifact, StageCache, config_key
+from qwha.config import check_shapes, model_shapes, shapes_from_json, validate_after_load
 from qwha.stages import PIPELINE, get_stage
 
 log = logging.getLogger("qwha.pipeline")
@@ -71,7 +73,19 @@ def materialize(
         work=resumable,
     )
     done[name] = (artifact, hit)
+    if name == "base":
+        _check_base_shapes(cfg, artifact)
     return artifact
+
+
+def _check_base_shapes(cfg: DictConfig, base: Artifact) -> None:
+    """Once a converted model (GGUF) has its config.json, the width checks again with every layer's
+    width (the key/value projections' is known only from there), before any stage uses the model."""
+    config_json = base.path / "model" / "config.json"
+    if config_json.is_file():
+        shapes = shapes_from_json(cfg, json.loads(config_json.read_text()))
+        if shapes is not None:
+            check_shapes(cfg, shapes)
 
 
 def is_main_process() -> bool:
@@ -114,6 +128,8 @@ def run_stage(cfg: DictConfig, cache: StageCache) -> dict[str, tuple[Artifact, b
     """Run ``cfg.stage`` (or the whole pipeline for ``all``); returns every artifact touched."""
     target = PIPELINE[-1] if cfg.stage == "all" else cfg.stage
     force = frozenset(PIPELINE if cfg.stage == "all" else (cfg.stage,)) if cfg.force else frozenset()
+    if model_shapes(cfg) is None:  # a hub model not in the local cache: width checks on its config.json
+        validate_after_load(cfg)
     if is_main_process():
         cache.sweep()  # .tmp-* folders of runs killed more than a day ago
     done: dict[str, tuple[Artifact, bool]] = {}
