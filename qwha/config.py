@@ -151,8 +151,9 @@ VALUE_CHECKS: dict[str, object] = {
     "seed": _SEED,
     "force": _Bool(),
     "dry_run": _Bool(),
-    "offline": _Bool(),
     "model.source": _Choice("gguf", "hub"),
+    "model.offline": _Bool(),
+    "offline": _Bool(),  # ${model.offline} unless set
     "model.dtype": _Choice("float32", "bfloat16", "float16"),
     "model.hidden_size": _POS_OR_NULL,
     "model.intermediate_size": _POS_OR_NULL,
