@@ -653,11 +653,19 @@ class StageCache:
                     how = "built by the process waited for" if lock.waited else "found under the lock"
                     log.info("cache hit: %s %s (%s)", stage, found.path, how)
                     return found, True
+            self._clear_leftovers(stage, key)
             log.info("cache %s: %s %s -> computing", "forced" if force else "miss", stage, key)
             artifact = self.build(stage, key, fn, config=config, upstream=upstream, replace=force)
             if work:
                 shutil.rmtree(self.work_path(stage, key), ignore_errors=True)
         return artifact, False
+
+    def _clear_leftovers(self, stage: str, key: str) -> None:
+        """Remove the ``.tmp-<key>-*`` folders of killed builds of this key. Called under its lock, so
+        no live process is writing into any of them."""
+        for tmp in self.path(stage, key).parent.glob(f".tmp-{key}-*"):
+            log.info("cache: removing %s, left by a killed build", tmp.name)
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _discard(self, path: Path) -> None:
         trash = path.parent / f".discarded-{path.name}-{uuid.uuid4().hex[:8]}"
