@@ -34,8 +34,8 @@ def main(cfg: DictConfig) -> dict | None:
     from qwha.cache import CacheError, StageCache
     from qwha.runtime import quiet_third_party_logs, set_offline
 
-    cache = StageCache(cfg.cache_dir)
     try:
+        cache = StageCache(cfg.cache_dir)  # reads QWHA_CACHE_LOCK / QWHA_CACHE_LOCK_STALE_S
         cache.check_writable()
     except CacheError as e:
         _fail(str(e))

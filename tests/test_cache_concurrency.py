@@ -335,3 +335,12 @@ def test_lock_mode_is_selected_by_environment(monkeypatch, cache_root):
         CacheError, match="QWHA_CACHE_LOCK='posix' is unknown: allowed values are flock, excl"
     ):
         StageCache(cache_root)
+
+
+def test_bad_lock_mode_on_the_command_line_is_one_line(tmp_path):
+    from tests.conftest import run_cli
+
+    res = run_cli("dry_run=true", env={"QWHA_CACHE_PATH": str(tmp_path / "c"), "QWHA_CACHE_LOCK": "nfs"})
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines == ["qwha: error: QWHA_CACHE_LOCK='nfs' is unknown: allowed values are flock, excl"]
