@@ -34,8 +34,8 @@ def main(cfg: DictConfig) -> dict | None:
     from qwha.cache import CacheError, StageCache
     from qwha.runtime import quiet_third_party_logs, set_offline
 
-    cache = StageCache(cfg.cache_dir)
     try:
+        cache = StageCache(cfg.cache_dir)  # reads QWHA_CACHE_LOCK / QWHA_CACHE_LOCK_STALE_S
         cache.check_writable()
     except CacheError as e:
         _fail(str(e))
@@ -58,6 +58,8 @@ def main(cfg: DictConfig) -> dict | None:
         _fail(str(e), code=3)
     except ConfigError as e:  # bad input only detectable once data is read (e.g. too little text)
         _fail(str(e))
+    except CacheError as e:  # the cache's file system is full: nothing was published
+        _fail(str(e), code=1)
     log.info("summary\n%s", summary_table(done))
     return {name: art.metrics for name, (art, _) in done.items()}
 

@@ -7,6 +7,7 @@ it and exits with status 2.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -65,48 +66,390 @@ def _sweep_values(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+# --------------------------------------------------------------------------------------- value checks
+class _Int:
+    """An integer (not a bool) in ``[lo, hi]``; ``None`` allowed with ``null``."""
+
+    def __init__(self, lo: int | None = None, hi: int | None = None, null: bool = False, note: str = ""):
+        self.lo, self.hi, self.null, self.note = lo, hi, null, note
+
+    def check(self, v) -> bool:
+        if v is None:
+            return self.null
+        if isinstance(v, bool) or not isinstance(v, int):
+            return False
+        return (self.lo is None or v >= self.lo) and (self.hi is None or v <= self.hi)
+
+    def allowed(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"an integer in [{self.lo}, {self.hi}]"
+        elif self.lo is not None:
+            text = f"an integer >= {self.lo}"
+        else:
+            text = "an integer"
+        return text + (" or null" if self.null else "") + (f" ({self.note})" if self.note else "")
+
+
+class _Num:
+    """A finite number (int or float, not a bool) with optional open/closed bounds."""
+
+    def __init__(self, lo=None, hi=None, lo_open=False, hi_open=False, null=False, note=""):
+        self.lo, self.hi, self.lo_open, self.hi_open, self.null, self.note = (
+            lo,
+            hi,
+            lo_open,
+            hi_open,
+            null,
+            note,
+        )
+
+    def check(self, v) -> bool:
+        if v is None:
+            return self.null
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def allowed(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            text = f"a number in {left}{self.lo:g}, {self.hi:g}{right}"
+        elif self.lo is not None:
+            text = f"a number {'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            text = "a number"
+        return text + (" or null" if self.null else "") + (f" ({self.note})" if self.note else "")
+
+
+class _Bool:
+    def check(self, v) -> bool:
+        return isinstance(v, bool)
+
+    def allowed(self) -> str:
+        return "true or false"
+
+
+class _IntOr:
+    """An integer (not a bool) >= ``lo``, or one of the named words (e.g. ``auto``)."""
+
+    def __init__(self, lo: int, *words: str, note: str = ""):
+        self.int, self.words, self.note = _Int(lo), words, note
+
+    def check(self, v) -> bool:
+        return v in self.words if isinstance(v, str) else self.int.check(v)
+
+    def allowed(self) -> str:
+        text = " or ".join((*self.words, self.int.allowed()))
+        return text + (f" ({self.note})" if self.note else "")
+
+
+class _Choice:
+    def __init__(self, *values):
+        self.values = values
+
+    def check(self, v) -> bool:
+        return any(v == x and type(v) is type(x) for x in self.values)
+
+    def allowed(self) -> str:
+        return "one of " + ", ".join(
+            "null" if x is None else str(x).lower() if isinstance(x, bool) else str(x) for x in self.values
+        )
+
+
+_SEED = _Int(0, 2**32 - 1)
+_POS = _Int(1)
+_POS_OR_NULL = _Int(1, null=True)
+# Every numeric, boolean and enumerated key of the composed config that a stage reads (a key a group does
+# not define is skipped). Checked in this order: top-level keys first, as the groups interpolate them.
+VALUE_CHECKS: dict[str, object] = {
+    "seed": _SEED,
+    "force": _Bool(),
+    "dry_run": _Bool(),
+    "model.source": _Choice("gguf", "hub"),
+    "model.offline": _Bool(),
+    "offline": _Bool(),  # ${model.offline} unless set
+    "model.dtype": _Choice("float32", "bfloat16", "float16"),
+    "model.hidden_size": _POS_OR_NULL,
+    "model.intermediate_size": _POS_OR_NULL,
+    "model.text_source": _Choice("packaged", "wikitext2"),
+    "model.calib_windows": _POS,
+    "model.calib_length": _Int(2),
+    "model.max_steps": _POS_OR_NULL,
+    "model.effective_batch": _POS,
+    "model.max_length": _Int(2),
+    "model.eval_limit": _POS_OR_NULL,
+    "model.ppl_max_tokens": _Int(2, null=True),
+    "model.ppl_stride": _POS,
+    "calib.source": _Choice("packaged", "wikitext2"),
+    "calib.n": _POS,
+    "calib.length": _Int(2),
+    "calib.seed": _SEED,
+    "quant.method": _Choice("none", "rtn", "gptq", "magr_gptq"),
+    "quant.bits": _Choice(*BITS),
+    "quant.group_size": _POS,
+    "quant.damp": _Num(0, lo_open=True),
+    "quant.magr_alpha": _Num(0),
+    "quant.magr_iters": _Int(0),
+    "quant.cd_iters": _IntOr(
+        0, "auto", note="coordinate-descent sweeps after GPTQ; auto: 30 at 2 bits, else 1"
+    ),
+    "quant.cd_damp": _Num(0, lo_open=True),
+    "adapter.rank": _POS,
+    "adapter.transform": _Choice("wht", "dct", "dht", "identity"),
+    "adapter.dims": _Choice(1, 2),
+    "adapter.scale_norm": _Choice("paper", "reference", "none"),
+    "adapter.alpha": _Num(0, lo_open=True),
+    "adapter.lora_alpha": _Num(0, lo_open=True),
+    "adapter.dropout": _Num(0, 1, hi_open=True),
+    "adapter.seed": _SEED,
+    "adapter.omega": _Num(0, lo_open=True, null=True, note="null: 0.75 * rank"),
+    "adapter.keep_start": _Num(0, 1, lo_open=True),
+    "adapter.keep_mid": _Num(0, 1, lo_open=True),
+    "adapter.keep_end": _Num(0, 1, lo_open=True),
+    "adapter.mid_fraction": _Num(0, 1, lo_open=True),
+    "init.kind": _Choice("sparse", "lowrank", "lota"),
+    "init.alloc_weight": _Choice("activation", "weight"),
+    "init.score": _Choice("magnitude", "energy"),
+    "init.refine": _Bool(),
+    "init.temperature": _Num(0, lo_open=True),
+    "init.scale_norm": _Choice("paper", "reference", "none"),
+    "init.gram_budget_gb": _Num(0, lo_open=True),
+    "init.batch_size": _POS,
+    "init.loftq_iters": _POS,
+    "data.name": _Choice("gsm8k", "alpaca"),  # also the row of the model's learning-rate table
+    "data.format": _Choice("gsm8k", "alpaca"),
+    "data.packaged_size": _POS,
+    "data.mask_prompt": _Bool(),
+    "data.max_length": _Int(2),
+    "data.epochs": _Num(0, lo_open=True),
+    "data.weight_decay": _Num(0),
+    "train.lr": _Num(0, lo_open=True),
+    "train.epochs": _Num(0, lo_open=True),
+    "train.max_steps": _POS_OR_NULL,
+    "train.micro_batch_size": _POS,
+    "train.effective_batch": _POS,
+    "train.weight_decay": _Num(0),
+    "train.warmup_ratio": _Num(0, 1, hi_open=True),
+    "train.scheduler": _Choice("cosine", "linear", "constant"),
+    "train.max_grad_norm": _Num(0, null=True, note="0 or null: no clipping"),
+    "train.precision": _Choice("auto", "bf16", "fp32"),
+    "train.grad_checkpointing": _Bool(),
+    "train.save_every": _Int(0, note="0: only at the end"),
+    "train.keep_last": _Int(0, note="0: keep all"),
+    "train.resume": _Bool(),
+    "train.log_every": _POS,
+    "train.fsdp": _Bool(),
+    "train.wandb.mode": _Choice("offline", "online", "disabled"),
+    "eval.csqa.enabled": _Choice("auto", True, False),
+    "eval.csqa.limit": _POS_OR_NULL,
+    "eval.csqa.batch_size": _POS,
+    "eval.gsm8k.enabled": _Choice("auto", True, False),
+    "eval.gsm8k.limit": _POS_OR_NULL,
+    "eval.gsm8k.decoding": _Choice("sample", "greedy"),
+    "eval.gsm8k.max_new_tokens": _POS,
+    "eval.gsm8k.batch_size": _POS,
+    "eval.gsm8k.seed": _SEED,
+    "eval.gsm8k.answer_nll": _Bool(),
+    "eval.perplexity.enabled": _Bool(),
+    "eval.perplexity.window": _Int(2),
+    "eval.perplexity.stride": _POS,
+    "eval.perplexity.max_tokens": _Int(2, null=True),
+}
+_ABSENT = object()
+# A Hugging Face repo id: `name` or `owner/name` (huggingface_hub's rules: word characters, '-', '.').
+HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+# The linear layers of a decoder block by the widths they map between.
+_WIDTHS = {
+    "q_proj": ("hidden", "hidden"),
+    "o_proj": ("hidden", "hidden"),
+    "k_proj": ("hidden", "kv"),
+    "v_proj": ("hidden", "kv"),
+    "gate_proj": ("hidden", "intermediate"),
+    "up_proj": ("hidden", "intermediate"),
+    "down_proj": ("intermediate", "hidden"),
+}
+
+
+def _value(cfg: DictConfig, key: str):
+    """The resolved value of ``key`` (``_ABSENT`` if the composed config has no such key)."""
+    try:
+        return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+    except Exception as e:  # an interpolation that cannot resolve (a bad value it reads)
+        cause = str(e).splitlines()[0]
+        raise ConfigError(f"{key} cannot be resolved: {cause}") from None
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Types and ranges of every key in :data:`VALUE_CHECKS` (one line naming the first bad key)."""
+    for key, rule in VALUE_CHECKS.items():
+        value = _value(cfg, key)
+        if value is _ABSENT:
+            continue
+        if not rule.check(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: {rule.allowed()}")
+    lr_table = _value(cfg, "model.lr")
+    for data, row in (lr_table or {}).items() if isinstance(lr_table, dict | DictConfig) else ():
+        for bits, lr in row.items():
+            if not _Num(0, lo_open=True).check(lr):
+                raise ConfigError(f"model.lr.{data}.{bits}={lr!r} is not allowed: a number > 0")
+    stride, window = _value(cfg, "eval.perplexity.stride"), _value(cfg, "eval.perplexity.window")
+    if stride is not _ABSENT and window is not _ABSENT and stride > window:
+        raise ConfigError(
+            f"eval.perplexity.stride={stride} is larger than eval.perplexity.window={window}: "
+            f"allowed values are 1..{window}"
+        )
+    micro, batch = _value(cfg, "train.micro_batch_size"), _value(cfg, "train.effective_batch")
+    if batch % micro:
+        raise ConfigError(
+            f"train.effective_batch={batch} is not a multiple of train.micro_batch_size={micro}: "
+            f"allowed values of train.micro_batch_size are divisors of {batch}"
+        )
+
+
+def check_model_id(cfg: DictConfig) -> None:
+    """``model.id`` of a hub model: an existing local folder, or shaped like a hub id (owner/name)."""
+    if str(cfg.model.source) != "hub":
+        return
+    mid = str(cfg.model.id)
+    path = Path(mid).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ConfigError(
+            f"model.id={mid!r} is a file: allowed values are a model folder or a hub id (owner/name)"
+        )
+    if not HUB_ID.match(mid) or "--" in mid or ".." in mid:
+        raise ConfigError(
+            f"model.id={mid!r} is neither an existing folder nor a Hugging Face id: allowed values are a "
+            "local model folder or owner/name"
+        )
+
+
+def model_shapes(cfg: DictConfig, *, load: bool = False) -> dict[str, int] | None:
+    """{hidden, intermediate[, kv]} widths of the model's decoder linears, or None when unknown.
+
+    From the model config (``model.hidden_size``/``intermediate_size``), else the model's config.json in
+    a local folder or the hub cache; ``load=True`` also fetches config.json from the hub (a few kB).
+    The key/value width comes from config.json only.
+    """
+    m = cfg.model
+    return shapes_from_json(cfg, _model_config_json(str(m.id), load=load and str(m.source) == "hub"))
+
+
+def shapes_from_json(cfg: DictConfig, raw: dict | None) -> dict[str, int] | None:
+    """:func:`model_shapes` given the model's config.json contents (``raw``, or None if unknown)."""
+    m = cfg.model
+    hidden = m.hidden_size if m.hidden_size is not None else (raw or {}).get("hidden_size")
+    inter = m.intermediate_size if m.intermediate_size is not None else (raw or {}).get("intermediate_size")
+    if hidden is None or inter is None:
+        return None
+    out = {"hidden": int(hidden), "intermediate": int(inter)}
+    if raw and raw.get("num_attention_heads") and int(raw.get("hidden_size", hidden)) == int(hidden):
+        heads = int(raw["num_attention_heads"])
+        head_dim = int(raw.get("head_dim") or int(hidden) // heads)
+        out["kv"] = int(raw.get("num_key_value_heads") or heads) * head_dim
+    return out
+
+
+def _model_config_json(model_id: str, *, load: bool) -> dict | None:
+    path = Path(model_id).expanduser() / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if not HUB_ID.match(model_id):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        local = hf_hub_download(model_id, "config.json", local_files_only=not load)
+    except Exception:  # not cached (offline), no such repo, no network: unknown here
+        if load:
+            raise ConfigError(
+                f"model.id={model_id!r}: its config.json cannot be fetched from the hub; allowed values "
+                "are a local model folder or an existing hub id (owner/name)"
+            ) from None
+        return None
+    return json.loads(Path(local).read_text())
+
+
 def model_widths(cfg: DictConfig) -> tuple[int, int]:
     """(hidden_size, intermediate_size): from the model config, else from the model's config.json."""
-    m = cfg.model
-    if m.hidden_size is not None and m.intermediate_size is not None:
-        return int(m.hidden_size), int(m.intermediate_size)
-    path = Path(str(m.id)) / "config.json"
-    if path.is_file():
-        raw = json.loads(path.read_text())
-    else:
-        from transformers import AutoConfig
+    shapes = model_shapes(cfg, load=True)
+    if shapes is None:
+        raise ConfigError(
+            f"model.id={str(cfg.model.id)!r}: its config.json has no hidden_size/intermediate_size"
+        )
+    return shapes["hidden"], shapes["intermediate"]
 
-        raw = AutoConfig.from_pretrained(str(m.id)).to_dict()
-    return int(raw["hidden_size"]), int(raw["intermediate_size"])
+
+def check_shapes(cfg: DictConfig, shapes: dict[str, int]) -> None:
+    """Checks that need the layer widths: group size divides them, and the adapter budget fits.
+
+    A rank-r budget is p = r (d_in + d_out) trainable values per layer; more than the layer's d_in d_out
+    weights cannot be placed (a sparse adapter) or spanned (a low-rank one). The largest rank every
+    adapted layer can hold is min over layers of floor(d_in d_out / (d_in + d_out)).
+    """
+    hidden, inter = shapes["hidden"], shapes["intermediate"]
+    if cfg.quant.method != "none":
+        g = cfg.quant.group_size
+        bad = [w for w in sorted({hidden, inter}) if w % g]
+        if bad:
+            ok = ", ".join(str(x) for x in (16, 32, 64, 128, 256) if hidden % x == 0 and inter % x == 0)
+            raise ConfigError(
+                f"group_size={g} does not divide the {cfg.model.name} layer width(s) "
+                f"{', '.join(map(str, bad))}: allowed values for this model are {ok}"
+            )
+    targets = [t for t in OmegaConf.select(cfg, "adapter.target_modules", default=[]) or [] if t in _WIDTHS]
+    caps = {}
+    for t in targets:
+        d_in, d_out = (shapes.get(w) for w in _WIDTHS[t])
+        if d_in is not None and d_out is not None:
+            caps[t] = (d_in * d_out // (d_in + d_out), d_in, d_out)
+    if not caps:
+        return
+    layer, (cap, d_in, d_out) = min(caps.items(), key=lambda kv: kv[1][0])
+    r = cfg.adapter.rank
+    if r > cap:
+        raise ConfigError(
+            f"rank={r} does not fit the {cfg.model.name} layers: r*(d_in+d_out) exceeds d_in*d_out for "
+            f"{layer} ({d_in}x{d_out}); allowed values are 1..{cap}"
+        )
+
+
+def validate_after_load(cfg: DictConfig) -> None:
+    """The width checks for a model whose widths were unknown before (a hub id not in the local cache):
+    run once its config.json is fetched, before any stage starts."""
+    shapes = model_shapes(cfg, load=True)
+    if shapes is not None:
+        check_shapes(cfg, shapes)
 
 
 def validate(cfg: DictConfig) -> None:
-    """Fail fast on bad input. Cheap: reads configs only (and config.json for `model=hf`)."""
+    """Fail fast on bad input, whatever the stage: the single entry point for every config check.
+
+    Cheap: reads configs only (and a model's config.json when it is local or cached). Order: the stage and
+    model, the top-level keys the groups interpolate (bits, rank, group_size), every value's type and
+    range, the model id, the layer widths (group size, rank capacity), then combinations.
+    """
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage={cfg.stage!r} is unknown: allowed values are {', '.join(STAGES)}")
     if OmegaConf.is_missing(cfg.model, "id"):
         raise ConfigError("model.id is required with model=hf: a Hugging Face id or a local folder")
-    if not isinstance(cfg.bits, int) or cfg.bits not in BITS:
+    if isinstance(cfg.bits, bool) or not isinstance(cfg.bits, int) or cfg.bits not in BITS:
         raise ConfigError(f"bits={cfg.bits!r} is not supported: allowed values are 2, 3, 4, 8")
     recipes.check(cfg)  # per-method recipe (lr, dropout, rank, alpha, steps): a rule for each, logged
-    if not isinstance(cfg.rank, int) or cfg.rank <= 0:
+    if isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or cfg.rank <= 0:
         raise ConfigError(f"rank={cfg.rank!r} must be a positive integer")
-    if not isinstance(cfg.group_size, int) or cfg.group_size <= 0:
+    if isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int) or cfg.group_size <= 0:
         raise ConfigError(f"group_size={cfg.group_size!r} must be a positive integer (32, 64, 128, 256)")
     if not DEVICES.match(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is unknown: allowed values are auto, cpu, cuda, cuda:N")
-    cd_iters = cfg.quant.get("cd_iters", 0)
-    if cd_iters != "auto" and (isinstance(cd_iters, bool) or not isinstance(cd_iters, int) or cd_iters < 0):
-        raise ConfigError(f"quant.cd_iters={cd_iters!r}: allowed values are auto or an integer >= 0")
-    if cfg.quant.method != "none":
-        hidden, inter = model_widths(cfg)
-        bad = [w for w in sorted({hidden, inter}) if w % cfg.group_size]
-        if bad:
-            ok = ", ".join(str(g) for g in (16, 32, 64, 128, 256) if hidden % g == 0 and inter % g == 0)
-            raise ConfigError(
-                f"group_size={cfg.group_size} does not divide the {cfg.model.name} layer width(s) "
-                f"{', '.join(map(str, bad))}: allowed values for this model are {ok}"
-            )
+    check_values(cfg)
+    check_model_id(cfg)
+    shapes = model_shapes(cfg)
+    if shapes is not None:
+        check_shapes(cfg, shapes)
     kind = cfg.init.kind
     method = cfg.adapter.method
     if method == "lota" and kind != "lota":

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qwha.cache import Artifact, StageCache, config_key
+from qwha.config import check_shapes, model_shapes, shapes_from_json, validate_after_load
 from qwha.stages import PIPELINE, get_stage
 
 log = logging.getLogger("qwha.pipeline")
@@ -60,13 +61,31 @@ def materialize(
 
     if not is_main_process():
         return _follower(name, key, cache, build)
+    # The build lock of (name, key) is held while building, and so while the work folder is in use; it
+    # is removed (under the lock) once the artifact is published.
     artifact, hit = cache.get_or_build(
-        name, key, build, config=slice_, upstream={up: a.key for up, a in inputs.items()}, force=name in force
+        name,
+        key,
+        build,
+        config=slice_,
+        upstream={up: a.key for up, a in inputs.items()},
+        force=name in force,
+        work=resumable,
     )
-    if resumable and not hit:
-        shutil.rmtree(cache.path(name, key).parent / f".work-{key}", ignore_errors=True)
     done[name] = (artifact, hit)
+    if name == "base":
+        _check_base_shapes(cfg, artifact)
     return artifact
+
+
+def _check_base_shapes(cfg: DictConfig, base: Artifact) -> None:
+    """Once a converted model (GGUF) has its config.json, the width checks again with every layer's
+    width (the key/value projections' is known only from there), before any stage uses the model."""
+    config_json = base.path / "model" / "config.json"
+    if config_json.is_file():
+        shapes = shapes_from_json(cfg, json.loads(config_json.read_text()))
+        if shapes is not None:
+            check_shapes(cfg, shapes)
 
 
 def is_main_process() -> bool:
@@ -77,7 +96,7 @@ def is_main_process() -> bool:
 def _follower(name: str, key: str, cache: StageCache, build) -> Artifact:
     """A non-zero rank under torchrun: upstream artifacts must exist; the distributed stage itself runs
     (the trainer synchronises with rank 0) into a private folder that is thrown away."""
-    found = cache.lookup(name, key, verify=False)
+    found = cache.lookup(name, key, verify=False, discard=False)
     if found is not None:
         return found
     if name != "finetune":
@@ -100,7 +119,7 @@ def plan(name: str, cfg: DictConfig, cache: StageCache, rows: dict | None = None
     for up in ups:
         plan(up, cfg, cache, rows)
     key, _ = stage_key(name, cfg, {up: rows[up]["key"] for up in ups})
-    hit = cache.lookup(name, key, verify=False) is not None
+    hit = cache.lookup(name, key, verify=False, discard=False) is not None
     rows[name] = {"key": key, "cached": hit, "path": str(cache.path(name, key))}
     return rows
 
@@ -109,6 +128,10 @@ def run_stage(cfg: DictConfig, cache: StageCache) -> dict[str, tuple[Artifact, b
     """Run ``cfg.stage`` (or the whole pipeline for ``all``); returns every artifact touched."""
     target = PIPELINE[-1] if cfg.stage == "all" else cfg.stage
     force = frozenset(PIPELINE if cfg.stage == "all" else (cfg.stage,)) if cfg.force else frozenset()
+    if model_shapes(cfg) is None:  # a hub model not in the local cache: width checks on its config.json
+        validate_after_load(cfg)
+    if is_main_process():
+        cache.sweep()  # .tmp-* folders of runs killed more than a day ago
     done: dict[str, tuple[Artifact, bool]] = {}
     materialize(target, cfg, cache, force=force, done=done)
     return done

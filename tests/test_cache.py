@@ -170,11 +170,22 @@ def test_killed_process_leaves_no_complete_artifact(cache_root):
     assert not (cache_root / "init" / "kk").exists()
     leftovers = [p.name for p in (cache_root / "init").iterdir()]
     assert len(leftovers) == 1 and leftovers[0].startswith(".tmp-kk-")
-    art, hit = cache.get_or_build("init", "kk", lambda out: {}, config={}, upstream={})
-    assert not hit and (art.path / MANIFEST).is_file()
+    # another key's build leaves it (it is the sweep's, after a day) ...
+    cache.get_or_build("init", "other", lambda out: {}, config={}, upstream={})
+    assert (cache_root / "init" / leftovers[0]).exists()
     old = time.time() - 2 * 86400
     os.utime(cache_root / "init" / leftovers[0], (old, old))
     assert cache.sweep() == 1
+    # ... and the next build of its own key removes it at once (no live process writes there: it holds
+    # the key's lock)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert len(list((cache_root / "init").glob(".tmp-kk-*"))) == 1
+    art, hit = cache.get_or_build("init", "kk", lambda out: {}, config={}, upstream={})
+    assert not hit and (art.path / MANIFEST).is_file()
+    assert not list((cache_root / "init").glob(".tmp-*"))
 
 
 def test_corrupted_artifact_is_detected_and_recomputed(cache_root, caplog):

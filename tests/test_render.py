@@ -222,6 +222,7 @@ def _rebuild(cache: StageCache, stage: str, key: str, content: str) -> None:
         lambda out: (out / "weights.bin").write_text(content) and None,
         config=info["config"],
         upstream=info["upstream"],
+        replace=True,  # publishing keeps an intact artifact unless told to replace it (force=true)
     )
 
 

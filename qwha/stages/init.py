@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from qwha.artifacts import ADAPTER_DIR, INIT_REPORT, MODEL_DIR, load_calibration
-from qwha.stages.common import device, heldout_perplexity
+from qwha.stages.common import device, heldout_perplexity, heldout_text_source
 
 log = logging.getLogger("qwha.stages.init")
 
@@ -41,10 +41,21 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 
 def key_config(cfg: DictConfig) -> dict:
-    # The report holds the initialized model's held-out perplexity, so its settings are part of the key.
-    # LoCA's location learning (adapter.loca) acts during fine-tuning: the finetune key holds it.
+    # The report holds the initialized model's held-out perplexity, so its settings (and the resolved
+    # held-out text) are part of the key. init.gram_budget_gb only splits the calibration forwards into
+    # passes over fewer modules each (the same forwards, the same float64 sums): not keyed. LoCA's location
+    # learning (adapter.loca) acts during fine-tuning: the finetune key holds it.
+    p = cfg.eval.perplexity
+    heldout = {"enabled": bool(p.enabled)}
+    if p.enabled:
+        heldout.update(
+            text=heldout_text_source(cfg), window=p.window, stride=p.stride, max_tokens=p.max_tokens
+        )
+    init = {k: v for k, v in cfg.init.items() if k != "gram_budget_gb"}
     adapter = {k: v for k, v in cfg.adapter.items() if k != "loca"}
-    return {"adapter": adapter, "init": cfg.init, "seed": cfg.seed, "perplexity": cfg.eval.perplexity}
+    # report.json records the model's and the method's names, which the tables filter and label by.
+    labels = {"model": cfg.model.name, "method_name": cfg.method_name}
+    return {"adapter": adapter, "init": init, "seed": cfg.seed, "heldout": heldout, "labels": labels}
 
 
 # Grams of the last full-precision model and calibration sample, kept for the next init in the same

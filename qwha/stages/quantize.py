@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from qwha.artifacts import MODEL_DIR, QUANT_INFO, load_calibration
 from qwha.cache import machine_info, machine_label
-from qwha.stages.common import device, heldout_perplexity
+from qwha.stages.common import device, heldout_perplexity, heldout_text_source
 
 log = logging.getLogger("qwha.stages.quantize")
 
@@ -25,7 +25,19 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 
 def key_config(cfg: DictConfig) -> dict:
-    return {"quant": cfg.quant}
+    # The model is quantized in model.dtype, and the artifact reports held-out perplexity (always computed
+    # here): the perplexity settings and the resolved held-out text are part of the key.
+    p = cfg.eval.perplexity
+    return {
+        "quant": cfg.quant,
+        "dtype": cfg.model.dtype,
+        "heldout": {
+            "text": heldout_text_source(cfg),
+            "window": p.window,
+            "stride": p.stride,
+            "max_tokens": p.max_tokens,
+        },
+    }
 
 
 def cd_sweeps(value, bits: int) -> int:
