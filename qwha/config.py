@@ -172,6 +172,7 @@ VALUE_CHECKS: dict[str, object] = {
     "offline": _Bool(),  # ${model.offline} unless set
     "model.dtype": _Choice("float32", "bfloat16", "float16"),
     "model.hidden_size": _POS_OR_NULL,
+    "model.kv_width": _POS_OR_NULL,
     "model.intermediate_size": _POS_OR_NULL,
     "model.text_source": _Choice("packaged", "wikitext2"),
     "model.calib_windows": _POS,
@@ -197,6 +198,12 @@ VALUE_CHECKS: dict[str, object] = {
     ),
     "quant.cd_damp": _Num(0, lo_open=True),
     "adapter.rank": _POS,
+    "adapter.loca.enabled": _Bool(),
+    "adapter.loca.coef_steps": _POS,
+    "adapter.loca.location_steps": _POS,
+    "adapter.loca.learn_fraction": _Num(0, 1),
+    "adapter.loca.location_lr": _Num(0, lo_open=True),
+    "adapter.loca.grad_clip": _Num(0, lo_open=True),
     "adapter.transform": _Choice("wht", "dct", "dht", "identity"),
     "adapter.dims": _Choice(1, 2),
     "adapter.scale_norm": _Choice("paper", "reference", "none"),
@@ -244,6 +251,12 @@ VALUE_CHECKS: dict[str, object] = {
     "train.wandb.mode": _Choice("offline", "online", "disabled"),
     "eval.csqa.enabled": _Choice("auto", True, False),
     "eval.csqa.limit": _POS_OR_NULL,
+    "eval.csqa.sample_seed": _SEED,
+    "eval.gsm8k.answer_nll_limit": _POS_OR_NULL,
+    "eval.train_heldout.enabled": _Bool(),
+    "eval.train_heldout.size": _POS,
+    "eval.train_heldout.batch_size": _POS,
+    "eval.train_heldout.seed": _SEED,
     "eval.csqa.batch_size": _POS,
     "eval.gsm8k.enabled": _Choice("auto", True, False),
     "eval.gsm8k.limit": _POS_OR_NULL,
@@ -281,6 +294,18 @@ def _value(cfg: DictConfig, key: str):
         raise ConfigError(f"{key} cannot be resolved: {cause}") from None
 
 
+def _lr_leaves(table, prefix: str):
+    """``(key path, value)`` of every learning rate in a model's lr table (``<column>.<data>.b<bits>``;
+    ``source`` names where the numbers come from and is not a rate)."""
+    for name, value in table.items():
+        if name == "source":
+            continue
+        if isinstance(value, dict | DictConfig):
+            yield from _lr_leaves(value, f"{prefix}.{name}")
+        else:
+            yield f"{prefix}.{name}", value
+
+
 def check_values(cfg: DictConfig) -> None:
     """Types and ranges of every key in :data:`VALUE_CHECKS` (one line naming the first bad key)."""
     for key, rule in VALUE_CHECKS.items():
@@ -290,10 +315,9 @@ def check_values(cfg: DictConfig) -> None:
         if not rule.check(value):
             raise ConfigError(f"{key}={value!r} is not allowed: {rule.allowed()}")
     lr_table = _value(cfg, "model.lr")
-    for data, row in (lr_table or {}).items() if isinstance(lr_table, dict | DictConfig) else ():
-        for bits, lr in row.items():
-            if not _Num(0, lo_open=True).check(lr):
-                raise ConfigError(f"model.lr.{data}.{bits}={lr!r} is not allowed: a number > 0")
+    for path, lr in _lr_leaves(lr_table if isinstance(lr_table, dict | DictConfig) else {}, "model.lr"):
+        if not _Num(0, lo_open=True).check(lr):
+            raise ConfigError(f"{path}={lr!r} is not allowed: a number > 0")
     stride, window = _value(cfg, "eval.perplexity.stride"), _value(cfg, "eval.perplexity.window")
     if stride is not _ABSENT and window is not _ABSENT and stride > window:
         raise ConfigError(
@@ -332,7 +356,7 @@ def model_shapes(cfg: DictConfig, *, load: bool = False) -> dict[str, int] | Non
 
     From the model config (``model.hidden_size``/``intermediate_size``), else the model's config.json in
     a local folder or the hub cache; ``load=True`` also fetches config.json from the hub (a few kB).
-    The key/value width comes from config.json only.
+    The key/value width comes from ``model.kv_width``, else from config.json.
     """
     m = cfg.model
     return shapes_from_json(cfg, _model_config_json(str(m.id), load=load and str(m.source) == "hub"))
@@ -346,7 +370,9 @@ def shapes_from_json(cfg: DictConfig, raw: dict | None) -> dict[str, int] | None
     if hidden is None or inter is None:
         return None
     out = {"hidden": int(hidden), "intermediate": int(inter)}
-    if raw and raw.get("num_attention_heads") and int(raw.get("hidden_size", hidden)) == int(hidden):
+    if m.get("kv_width") is not None:  # the model config's k/v output width (num_key_value_heads * head_dim)
+        out["kv"] = int(m.kv_width)
+    elif raw and raw.get("num_attention_heads") and int(raw.get("hidden_size", hidden)) == int(hidden):
         heads = int(raw["num_attention_heads"])
         head_dim = int(raw.get("head_dim") or int(hidden) // heads)
         out["kv"] = int(raw.get("num_key_value_heads") or heads) * head_dim
@@ -401,20 +427,34 @@ def check_shapes(cfg: DictConfig, shapes: dict[str, int]) -> None:
                 f"{', '.join(map(str, bad))}: allowed values for this model are {ok}"
             )
     targets = [t for t in OmegaConf.select(cfg, "adapter.target_modules", default=[]) or [] if t in _WIDTHS]
-    caps = {}
+    layers = {}
     for t in targets:
         d_in, d_out = (shapes.get(w) for w in _WIDTHS[t])
         if d_in is not None and d_out is not None:
-            caps[t] = (d_in * d_out // (d_in + d_out), d_in, d_out)
-    if not caps:
+            layers[t] = (d_out, d_in)
+    family = str(cfg.adapter.method)
+    if not layers or family not in ("wha", "lora", "lota"):
         return
-    layer, (cap, d_in, d_out) = min(caps.items(), key=lambda kv: kv[1][0])
+    cap, layer = recipes.capacity(family, layers)
     r = cfg.adapter.rank
     if r > cap:
+        d_out, d_in = layers[layer]
+        rule = "r*(d_in+d_out) exceeds d_in*d_out" if family == "wha" else "r exceeds min(d_in, d_out)"
         raise ConfigError(
-            f"rank={r} does not fit the {cfg.model.name} layers: r*(d_in+d_out) exceeds d_in*d_out for "
-            f"{layer} ({d_in}x{d_out}); allowed values are 1..{cap}"
+            f"rank={r} does not fit the {cfg.model.name} layers: {rule} for {layer} ({d_in}x{d_out}) with "
+            f"adapter.method={family}; allowed values are 1..{cap}"
         )
+
+
+def _interpolated(cfg: DictConfig, key: str) -> bool:
+    """The key's raw value is an interpolation (``${...}``), not a value the user typed."""
+    raw = OmegaConf.to_container(cfg, resolve=False).get(key)
+    return isinstance(raw, str) and raw.strip().startswith("${")
+
+
+def _check_rank(cfg: DictConfig) -> None:
+    if isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or cfg.rank <= 0:
+        raise ConfigError(f"rank={cfg.rank!r} must be a positive integer")
 
 
 def validate_after_load(cfg: DictConfig) -> None:
@@ -428,6 +468,29 @@ def validate_after_load(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Fail fast on bad input, whatever the stage: the single entry point for every config check.
 
+    A check that fails inside an interpolation (a ``${recipe:...}`` value) reaches the caller as the
+    one-line :class:`ConfigError` it raised, not as OmegaConf's wrapper.
+    """
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        _validate(cfg)
+    except InterpolationResolutionError as err:
+        seen, todo = set(), [err]
+        while todo:  # OmegaConf chains the resolver's own error through __cause__ / __context__
+            cur = todo.pop()
+            if id(cur) in seen:
+                continue
+            seen.add(id(cur))
+            if isinstance(cur, ConfigError):
+                raise cur from None
+            todo += [e for e in (cur.__cause__, cur.__context__) if e is not None]
+        raise ConfigError(str(err).splitlines()[0]) from None
+
+
+def _validate(cfg: DictConfig) -> None:
+    """The checks of :func:`validate`, in order.
+
     Cheap: reads configs only (and a model's config.json when it is local or cached). Order: the stage and
     model, the top-level keys the groups interpolate (bits, rank, group_size), every value's type and
     range, the model id, the layer widths (group size, rank capacity), then combinations.
@@ -436,17 +499,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"stage={cfg.stage!r} is unknown: allowed values are {', '.join(STAGES)}")
     if OmegaConf.is_missing(cfg.model, "id"):
         raise ConfigError("model.id is required with model=hf: a Hugging Face id or a local folder")
+    check_model_id(cfg)  # before anything that resolves ${recipe:...}, which reads the model's widths
     if isinstance(cfg.bits, bool) or not isinstance(cfg.bits, int) or cfg.bits not in BITS:
         raise ConfigError(f"bits={cfg.bits!r} is not supported: allowed values are 2, 3, 4, 8")
-    recipes.check(cfg)  # per-method recipe (lr, dropout, rank, alpha, steps): a rule for each, logged
-    if isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or cfg.rank <= 0:
-        raise ConfigError(f"rank={cfg.rank!r} must be a positive integer")
     if isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int) or cfg.group_size <= 0:
         raise ConfigError(f"group_size={cfg.group_size!r} must be a positive integer (32, 64, 128, 256)")
     if not DEVICES.match(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is unknown: allowed values are auto, cpu, cuda, cuda:N")
+    if not _interpolated(cfg, "rank"):  # a typed rank= first, under its own name
+        _check_rank(cfg)
     check_values(cfg)
-    check_model_id(cfg)
+    _check_rank(cfg)  # the recipe's rank, resolved once the widths it reads are known to be sane
+    recipes.check(cfg)  # per-method recipe (lr, dropout, rank, alpha, steps): a rule for each, logged
     shapes = model_shapes(cfg)
     if shapes is not None:
         check_shapes(cfg, shapes)

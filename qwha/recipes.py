@@ -23,8 +23,8 @@ consumer (the stages, the cache keys, ``--cfg job --resolve``) sees the same num
   ``loca_fixed`` (shown as "loca (fixed locations)").
 
 :func:`check` (called by :func:`qwha.config.validate`) resolves all of them once, raises a one-line
-``ConfigError`` for a combination with no rule or a rank beyond a layer's capacity, and logs the rule
-that produced each value.
+``ConfigError`` for a combination with no rule, and logs the rule that produced each value (the rank's
+capacity is checked with the other widths by :func:`qwha.config.check_shapes`).
 """
 
 from __future__ import annotations
@@ -70,7 +70,15 @@ def _raw_model_config(model: DictConfig) -> dict:
         return json.loads(path.read_text())
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(model.id)).to_dict()
+    try:
+        return AutoConfig.from_pretrained(str(model.id)).to_dict()
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0][:160]
+        raise _error(
+            f"model.id={model.id!r}: its config.json could not be read ({reason}); the default rank and "
+            f"alpha need the model's widths: fetch it (huggingface-cli download {model.id} config.json) or "
+            "use a local folder"
+        ) from err
 
 
 def layer_shapes(model: DictConfig) -> dict[str, tuple[int, int]]:
@@ -315,17 +323,6 @@ def check(cfg: DictConfig) -> dict[str, str]:
     rules["recipe"] = _recipe(cfg)
     family = str(cfg.adapter.method)
     rules["rank"] = resolve_rank(cfg)[1] if _uses_recipe(cfg, "rank", "rank") else f"r = {cfg.rank}: explicit"
-    rank = OmegaConf.select(cfg, "adapter.rank", default=cfg.rank)
-    if isinstance(rank, int) and rank > 0 and family in ("wha", "lora", "lota"):
-        shapes = layer_shapes(cfg.model)
-        cap, layer = capacity(family, shapes)
-        if rank > cap:
-            o, i = shapes[layer]
-            key = "rank" if rank == cfg.rank else "adapter.rank"
-            raise _error(
-                f"{key}={rank} exceeds the capacity of {cfg.model.name}'s {layer} ({o}x{i}) for "
-                f"adapter.method={family}: allowed values are 1..{cap}"
-            )
     if family == "wha":
         if _uses_recipe(cfg, "adapter.alpha", "alpha"):
             rules["alpha"] = resolve_alpha(cfg)[1]

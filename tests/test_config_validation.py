@@ -89,7 +89,7 @@ BAD = [
     (["model.max_length=0"], "model.max_length=0 is not allowed"),
     (["model.eval_limit=0"], "model.eval_limit=0 is not allowed"),
     (["model.calib_windows=abc"], "model.calib_windows='abc' is not allowed"),
-    (["model.lr.gsm8k.b3=-1"], "model.lr.gsm8k.b3=-1 is not allowed: a number > 0"),
+    (["model.lr.qwha.gsm8k.b3=-1"], "model.lr.qwha.gsm8k.b3=-1 is not allowed: a number > 0"),
     (["model.dtype=int8"], "model.dtype='int8' is not allowed: one of float32, bfloat16, float16"),
     (["model.hidden_size=0"], "model.hidden_size=0 is not allowed"),
     # quantization, adapter, init
@@ -105,7 +105,7 @@ BAD = [
     (["bits=abc"], "bits='abc' is not supported: allowed values are 2, 3, 4, 8"),
     (["rank=abc"], "rank='abc' must be a positive integer"),
     (["rank=-4"], "rank=-4 must be a positive integer"),
-    (["rank=289"], "rank=289 does not fit the smollm2-135m layers"),
+    (["rank=145"], "rank=145 does not fit the smollm2-135m layers"),
     (["group_size=abc"], "group_size='abc' must be a positive integer"),
     (["adapter.rank=0"], "adapter.rank=0 is not allowed: an integer >= 1"),
     (["adapter.alpha=0"], "adapter.alpha=0 is not allowed: a number > 0"),
@@ -155,10 +155,9 @@ GOOD = [
     ["train.max_grad_norm=null"],
     ["train.micro_batch_size=8"],
     ["seed=4294967295"],
-    ["rank=288"],  # 288 * (576 + 576) = 576 * 576: the largest rank q_proj can hold
+    ["rank=144"],  # 144 * (576 + 192) = 576 * 192: the largest rank k_proj (576 -> 192) can hold
+    ["adapter=lora", "init=cloq", "rank=192"],  # a LoRA spans up to min(d_in, d_out) = 192 on k_proj
     ["eval.perplexity.max_tokens=null"],
-    ["model=hf", "model.id=Qwen/Qwen2.5-0.5B"],
-    ["model=hf", "model.id=gpt2"],
     ["model=llama3.1-8b", "bits=3", "data=alpaca"],
     ["method=lota"],
     ["method=cloq"],
@@ -194,7 +193,8 @@ def test_rank_capacity_from_a_local_config_json_includes_key_value_width(tmp_pat
     (folder / "config.json").write_text(json.dumps(raw))
     validate(compose("model=hf", f"model.id={folder}", "rank=21", "group_size=32"))
     with pytest.raises(
-        ConfigError, match=r"rank=22 does not fit .* k_proj \(64x32\); allowed values are 1..21"
+        ConfigError,
+        match=r"rank=22 does not fit .* k_proj \(64x32\) with adapter.method=wha; allowed values are 1..21",
     ):
         validate(compose("model=hf", f"model.id={folder}", "rank=22", "group_size=32"))
     # without k/v among the targets, q_proj (64x64) bounds it: 64*64 / 128 = 32
@@ -202,17 +202,16 @@ def test_rank_capacity_from_a_local_config_json_includes_key_value_width(tmp_pat
     validate(compose("model=hf", f"model.id={folder}", "rank=32", "group_size=32", only_q))
 
 
-def test_embedded_model_rank_checked_again_with_its_converted_config():
-    """SmolLM2-135M's yaml gives 576/1536; its config.json adds 3 key/value heads of 64 (k_proj 576 -> 192):
-    capacity floor(576*192/768) = 144. The pipeline runs this check once `base` is converted."""
+def test_embedded_model_rank_capacity_uses_its_key_value_width():
+    """SmolLM2-135M: 3 key/value heads of 64 (k_proj 576 -> 192, ``model.kv_width``): capacity
+    floor(576*192/768) = 144, refused from the yaml alone; the converted config.json agrees."""
     raw = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
+    with pytest.raises(ConfigError, match=r"rank=145 does not fit .* k_proj \(576x192\)"):
+        validate(compose("rank=145"))
+    validate(compose("rank=144"))
     cfg = compose("rank=145")
-    validate(cfg)  # the yaml alone cannot tell
-    with pytest.raises(
-        ConfigError, match=r"rank=145 does not fit .* k_proj \(576x192\); allowed values are 1..144"
-    ):
+    with pytest.raises(ConfigError, match=r"allowed values are 1..144"):
         check_shapes(cfg, shapes_from_json(cfg, raw))
-    check_shapes(compose("rank=144"), shapes_from_json(cfg, raw))
 
 
 def _numeric_leaves(cfg) -> set[str]:
@@ -229,11 +228,20 @@ def _numeric_leaves(cfg) -> set[str]:
     return out
 
 
-def test_every_numeric_key_is_checked():
+def test_every_numeric_key_is_checked(tmp_path: Path):
     """Every number, flag or nullable number in the composed configs (several groups) has a rule, or is
     one of the top-level keys checked with their own messages, or a row of the model's lr table."""
+    folder = tmp_path / "hf_model"  # model=hf reads its widths from config.json
+    folder.mkdir()
+    raw = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (folder / "config.json").write_text(json.dumps(raw))
     seen: set[str] = set()
-    for overrides in ([], ["method=lota"], ["adapter=lora", "init=loftq"], ["model=hf", "model.id=gpt2"]):
+    for overrides in (
+        [],
+        ["method=lota"],
+        ["adapter=lora", "init=loftq"],
+        ["model=hf", f"model.id={folder}"],
+    ):
         seen |= _numeric_leaves(compose(*overrides))
     own = {"bits", "rank", "group_size"}
     unchecked = {k for k in seen if k not in VALUE_CHECKS and k not in own and not k.startswith("model.lr.")}

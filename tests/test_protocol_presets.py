@@ -227,7 +227,7 @@ def test_rank_beyond_capacity_fails_fast(tmp_path):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
-    assert "rank=145 exceeds the capacity of smollm2-135m's k_proj (192x576)" in lines[0]
+    assert "rank=145 does not fit the smollm2-135m layers" in lines[0] and "k_proj (576x192)" in lines[0]
     assert "allowed values are 1..144" in lines[0]
 
 

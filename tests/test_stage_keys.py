@@ -50,6 +50,8 @@ EXPECTED = {
         "quant.damp",
         "quant.magr_alpha",
         "quant.magr_iters",
+        "quant.cd_iters",
+        "quant.cd_damp",
         "bits",
         "group_size",
         "model.dtype",
@@ -78,6 +80,7 @@ EXPECTED = {
         *HELDOUT,
         "model.name",  # report.json labels
         "method_name",
+        "model.hidden_size",  # the default rank and alpha are density-matched to the model's width
     },
     "finetune": {
         "data.name",
@@ -93,7 +96,8 @@ EXPECTED = {
         "offline",  # resolves data.source=auto
         "model.offline",
         "train.lr",
-        "model.lr.gsm8k.b2",  # the default lr for (gsm8k, 2 bits)
+        "model.lr.qwha.gsm8k.b2",  # the default lr for (gsm8k, 2 bits) of the sparse adapters' column
+        "adapter.method",  # picks the lr column (CLoQ's or QWHA's) and the dropout
         "bits",
         "train.epochs",
         "train.max_steps",
@@ -121,6 +125,13 @@ EXPECTED = {
         "eval.gsm8k.batch_size",
         "eval.gsm8k.seed",
         "eval.gsm8k.answer_nll",
+        "eval.gsm8k.answer_nll_limit",
+        "eval.gsm8k.exclude",
+        "eval.csqa.sample_seed",
+        "eval.train_heldout.enabled",
+        "eval.train_heldout.size",
+        "eval.train_heldout.batch_size",
+        "eval.train_heldout.seed",
         "model.eval_limit",
         "eval.perplexity.enabled",
         *HELDOUT,
@@ -150,7 +161,6 @@ NEVER = {
     "train.wandb.name",
     "train.wandb.mode",
     "init.gram_budget_gb",
-    "model.hidden_size",
     "model.intermediate_size",
 }
 
