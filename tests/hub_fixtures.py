@@ -346,19 +346,26 @@ def stage_datasets(hf_home: Path, n: int = 8) -> None:
         stage_dataset(hf_home, repo_id, configs)
 
 
-def stage_hub(hf_home: Path, llama_layers: int = 1) -> dict[str, Path]:
-    """Stage the Llama-3.2-3B and Qwen2 stand-ins and all stand-in datasets under ``hf_home``; also
-    write the Qwen2 stand-in as a plain local folder. Returns the paths."""
+def stage_hub(hf_home: Path, llama_layers: int | None = 1) -> dict[str, Path]:
+    """Stage the Qwen2 stand-in (and, unless ``llama_layers`` is None, the Llama-3.2-3B stand-in) and
+    all stand-in datasets under ``hf_home``; also write the Qwen2 stand-in as a plain local folder."""
     hf_home = Path(hf_home)
     tok = build_tokenizer()
     work = hf_home / ".staging"
-    llama = stage_model(hf_home, LLAMA_32_3B_ID, write_llama32_3b_standin(work / "llama", tok, llama_layers))
-    qwen = stage_model(hf_home, QWEN2_ID, write_qwen2_standin(work / "qwen", tok))
-    local = write_qwen2_standin(hf_home.parent / "local-qwen2", tok)
+    out = {"qwen": stage_model(hf_home, QWEN2_ID, write_qwen2_standin(work / "qwen", tok))}
+    out["local"] = write_qwen2_standin(hf_home.parent / "local-qwen2", tok)
     stage_datasets(hf_home)
+    if llama_layers is not None:
+        out["llama"] = stage_llama(hf_home, llama_layers, tok)
     shutil.rmtree(work, ignore_errors=True)
-    (hf_home / "staged.json").write_text(json.dumps({"llama": str(llama), "qwen": str(qwen)}))
-    return {"llama": llama, "qwen": qwen, "local": local}
+    return out
+
+
+def stage_llama(hf_home: Path, num_layers: int = 1, tokenizer=None) -> Path:
+    """Stage the Llama-3.2-3B stand-in (about 100M parameters, 200 MB, per block) under ``hf_home``."""
+    tok = tokenizer or build_tokenizer()
+    folder = write_llama32_3b_standin(Path(hf_home) / ".staging" / "llama", tok, num_layers)
+    return stage_model(hf_home, LLAMA_32_3B_ID, folder)
 
 
 def offline_env(hf_home: Path, **extra: str) -> dict[str, str]:

