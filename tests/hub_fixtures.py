@@ -19,7 +19,6 @@ config.json widths (hidden 3072, intermediate 8192, 24 heads / 8 KV heads of 128
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import shutil
