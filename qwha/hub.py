@@ -132,6 +132,21 @@ def _is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def _unreachable(exc: Exception) -> str:
+    """Why the Hub gave no usable answer (no connection, or an HTTP error that is not one of the Hub's
+    own answers: a server error, a proxy or a wrong ``HF_ENDPOINT``); re-raises anything else."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if _is_connection_error(exc):
+        return f"the Hub at {_endpoint()} is unreachable ({type(exc).__name__})"
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else "?"
+        return (
+            f"the Hub at {_endpoint()} gave no usable answer (HTTP {status}; check HF_ENDPOINT and proxies)"
+        )
+    raise exc
+
+
 # ------------------------------------------------------------------------------------------- models
 def cached_snapshot(repo_id: str, revision: str) -> Path | None:
     """The cached snapshot folder of ``repo_id`` at ``revision`` (a branch, tag or commit) holding a
@@ -176,6 +191,8 @@ def check_model(repo_id: str, revision: str = "main", timeout: float = TIMEOUT_S
             raise HubError(f"model.id={repo_id!r} is a folder without config.json: not a transformers model")
         return None
     where = f"model {repo_id} (revision {revision})"
+    for name in ("httpx", "httpx2"):  # one INFO line per request otherwise, before the logs are quieted
+        logging.getLogger(name).setLevel(logging.WARNING)
     if not is_offline():
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
         from huggingface_hub.errors import (
@@ -208,9 +225,7 @@ def check_model(repo_id: str, revision: str = "main", timeout: float = TIMEOUT_S
         except EntryNotFoundError:
             raise HubError(f"{where} has no config.json: not a transformers model") from None
         except Exception as e:  # noqa: BLE001 - only network failures fall back to the cache
-            if not _is_connection_error(e):
-                raise
-            reason = f"the Hub at {_endpoint()} is unreachable ({type(e).__name__})"
+            reason = _unreachable(e)
             snapshot = cached_snapshot(repo_id, revision)
             if snapshot is None or _missing_model_files(snapshot):
                 raise HubError(
@@ -279,9 +294,7 @@ def check_dataset(d: Dataset, timeout: float = TIMEOUT_S) -> None:
         except RepositoryNotFoundError:
             raise HubError(f"{where} was not found on {_endpoint()} ({_token_state()})") from None
         except Exception as e:  # noqa: BLE001 - only network failures fall back to the cache
-            if not _is_connection_error(e):
-                raise
-            reason = f"the Hub at {_endpoint()} is unreachable ({type(e).__name__})"
+            reason = _unreachable(e)
             if _processed_cache(d.repo_id, d.config) is None:
                 raise HubError(
                     f"{where}: {reason} and the dataset is not in the datasets cache {datasets_cache()}; "

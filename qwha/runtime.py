@@ -83,6 +83,7 @@ def quiet_third_party_logs() -> None:
         "urllib3",
         "filelock",
         "httpx",
+        "httpx2",
         "huggingface_hub",
     ):
         logging.getLogger(name).setLevel(logging.ERROR)
