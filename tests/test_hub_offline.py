@@ -196,10 +196,15 @@ def test_offline_missing_dataset_answers_in_one_line(staged_small, tmp_path):
 
 
 class _FakeHub(http.server.BaseHTTPRequestHandler):
-    """Answers every request like the Hub does for a gated repo without a token (401, GatedRepo) or a
-    repo that does not exist (404, RepoNotFound)."""
+    """Answers every request like the Hub does for a gated repo without a token (401, GatedRepo), a
+    repo that does not exist (404, RepoNotFound), or a Hub that is down (500)."""
 
     def _answer(self):
+        if "down" in self.path:  # a server error, with none of the Hub's error headers
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         gated = "gated" in self.path
         self.send_response(401 if gated else 404)
         self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
@@ -226,6 +231,7 @@ def fake_hub():
     [
         ("org/gated-model", ("is gated on", "no token found", "huggingface-cli login", "org/gated-model")),
         ("org/no-such-model", ("org/no-such-model (revision main) was not found on", "check model.id")),
+        ("org/down-model", ("gave no usable answer (HTTP 500", "not in the Hugging Face cache")),
     ],
 )
 def test_gated_or_missing_model_online_answers_in_one_line(model_id, needles, fake_hub, tmp_path):
