@@ -57,7 +57,7 @@ LLAMA_32_3B_CONFIG = {
     "torch_dtype": "bfloat16",
     "use_cache": True,
 }
-BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
 WORDS = (
     "the a of and to in is was for on with as by at from his her their it that this which one two three "
     "river city king army song film game team school church war year people world water light house "
@@ -117,7 +117,7 @@ def wikitext_lines(n_lines: int, seed: int) -> list[str]:
 
 def build_tokenizer(vocab_size: int = 384):
     """A byte-level BPE tokenizer (any text encodes) trained on the stand-in text, adding BOS like
-    Llama-3's; a ``PreTrainedTokenizerFast``."""
+    Llama-3's, with BOS/EOS/PAD special tokens; a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -126,7 +126,7 @@ def build_tokenizer(vocab_size: int = 384):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[BOS, EOS],
+        special_tokens=[BOS, EOS, PAD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(wikitext_lines(400, 1) + [str(i) for i in range(100)], trainer=trainer)
@@ -134,7 +134,9 @@ def build_tokenizer(vocab_size: int = 384):
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos)]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS)
+    # A pad token in the vocabulary (as Llama-3's reserved one, Qwen2's <|endoftext|>): without one,
+    # GPTQModel's tokenicer picks a pad id for the model config that a small vocabulary may not hold.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
 
 # ----------------------------------------------------------------------------------------- models
