@@ -190,6 +190,15 @@ def check_model(repo_id: str, revision: str = "main", timeout: float = TIMEOUT_S
         if not (Path(os.path.expanduser(repo_id)) / "config.json").is_file():
             raise HubError(f"model.id={repo_id!r} is a folder without config.json: not a transformers model")
         return None
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise HubError(
+            f"model.id={repo_id!r} is neither an existing folder nor a Hugging Face id (org/name)"
+        ) from None
     where = f"model {repo_id} (revision {revision})"
     for name in ("httpx", "httpx2"):  # one INFO line per request otherwise, before the logs are quieted
         logging.getLogger(name).setLevel(logging.WARNING)

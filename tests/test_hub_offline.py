@@ -457,3 +457,9 @@ def test_errors_escaping_a_stage_become_one_line():
         line = explain(e)
     assert line is not None and "\n" not in line and "could not be fetched from the Hub" in line
     assert explain(ValueError("an ordinary bug")) is None
+
+
+def test_model_id_neither_folder_nor_hub_id(tmp_path):
+    env = offline_env(tmp_path / "hf", QWHA_CACHE_PATH=str(tmp_path / "cache"))
+    res = run_cli("model=hf", f"model.id={tmp_path}/no/such/folder", env=env)
+    _one_line_failure(res, tmp_path, "is neither an existing folder nor a Hugging Face id (org/name)")
