@@ -27,26 +27,45 @@ def _fail(msg: str, code: int = 2) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
+    from qwha.runtime import quiet_third_party_logs, set_offline
+
+    set_offline(bool(cfg.offline))
     try:
+        if not cfg.dry_run:
+            from qwha.hub import check_model_for
+
+            check_model_for(cfg)  # the Hub (or the cache) answers in seconds, before anything is built
         validate(cfg)
     except ConfigError as e:
         _fail(str(e))
     from qwha.cache import CacheError, StageCache
-    from qwha.runtime import quiet_third_party_logs, set_offline
 
     try:
         cache = StageCache(cfg.cache_dir)  # reads QWHA_CACHE_LOCK / QWHA_CACHE_LOCK_STALE_S
-        cache.check_writable()
     except CacheError as e:
         _fail(str(e))
-    set_offline(bool(cfg.offline))
     quiet_third_party_logs()
 
     from qwha.pipeline import plan, run_stage, summary_table
     from qwha.stages import PIPELINE, StageNotReady
 
+    target = PIPELINE[-1] if cfg.stage == "all" else cfg.stage
+    if not cfg.dry_run:
+        from qwha.hub import check_run
+
+        rows = plan(target, cfg, cache)
+        todo = [n for n, row in rows.items() if cfg.force or not row["cached"]]
+        try:
+            check_run(cfg, todo)  # datasets and target modules of the stages that will compute
+        except ConfigError as e:
+            _fail(str(e))
+    try:
+        cache.check_writable()
+    except CacheError as e:
+        _fail(str(e))
+
     if cfg.dry_run:
-        rows = plan(PIPELINE[-1] if cfg.stage == "all" else cfg.stage, cfg, cache)
+        rows = plan(target, cfg, cache)
         for name, row in rows.items():
             print(f"{name:9s} {row['key']}  {'cached ' if row['cached'] else 'missing'}  {row['path']}")
         return rows
@@ -60,6 +79,13 @@ def main(cfg: DictConfig) -> dict | None:
         _fail(str(e))
     except CacheError as e:  # the cache's file system is full: nothing was published
         _fail(str(e), code=1)
+    except Exception as e:  # a hub failure the checks above could not foresee: one line, not a traceback
+        from qwha.hub import explain
+
+        msg = explain(e)
+        if msg is None:
+            raise
+        _fail(msg)
     log.info("summary\n%s", summary_table(done))
     return {name: art.metrics for name, (art, _) in done.items()}
 

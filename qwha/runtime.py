@@ -27,11 +27,19 @@ def has_cuda_device() -> bool:
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 
 
+def default_hf_home() -> str:
+    """Where huggingface_hub keeps its cache and token when ``HF_HOME`` is unset:
+    ``$XDG_CACHE_HOME/huggingface``, else ``~/.cache/huggingface`` (huggingface_hub's own rule)."""
+    base = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    return os.path.expandvars(os.path.expanduser(os.path.join(base, "huggingface")))
+
+
 def configure_environment() -> None:
     """Set defaults for the third-party environment variables this project relies on."""
-    root = cache_root()
-    # gptqmodel's dependencies otherwise move HF_HOME to a temporary folder (ENV.md).
-    os.environ.setdefault("HF_HOME", str(root / "hf_home"))
+    # gptqmodel's dependency tokenicer sets HF_HOME to a temporary folder when it is unset, which would
+    # hide the user's downloaded weights and login token: pin it to huggingface_hub's own default.
+    # A value the user set is kept, and it never points into the stage cache (`make clean-cache`).
+    os.environ.setdefault("HF_HOME", default_hf_home())
     # wandb raises with no mode and no API key; offline keeps runs local until the user syncs them.
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -75,6 +83,7 @@ def quiet_third_party_logs() -> None:
         "urllib3",
         "filelock",
         "httpx",
+        "httpx2",
         "huggingface_hub",
     ):
         logging.getLogger(name).setLevel(logging.ERROR)

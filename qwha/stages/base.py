@@ -1,4 +1,4 @@
-"""Stage `base`: the full-precision model as an artifact (GGUF conversion, or a hub reference)."""
+"""Stage `base`: the full-precision model as an artifact (GGUF conversion, hub or local-folder reference)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from qwha.models import materialize_base
+from qwha.models import base_key_config, materialize_base
 
 
 def upstream(cfg: DictConfig) -> list[str]:
@@ -14,8 +14,9 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 
 def key_config(cfg: DictConfig) -> dict:
-    m = cfg.model
-    return {"id": str(m.id), "source": str(m.source), "gguf_package": m.gguf_package}
+    # gguf: the package; hub: id + model.revision (the manifest records the commit it resolved to);
+    # local folder: a fingerprint of its files.
+    return base_key_config(cfg.model)
 
 
 def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
