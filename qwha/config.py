@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-STAGES = ("quantize", "init", "finetune", "eval", "all")
+STAGES = ("quantize", "init", "finetune", "eval", "export", "all")
 BITS = (2, 3, 4, 8)
 GROUPS = ("model", "quant", "adapter", "init", "data", "train", "eval", "experiment", "method", "budget")
 DEVICES = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
