@@ -90,6 +90,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"rank={cfg.rank!r} must be a positive integer")
     if not isinstance(cfg.group_size, int) or cfg.group_size <= 0:
         raise ConfigError(f"group_size={cfg.group_size!r} must be a positive integer (32, 64, 128, 256)")
+    if cfg.stage == "export":  # its keys, before any model is loaded (dry_run included)
+        from qwha.stages.export import check as check_export
+
+        check_export(cfg)
     if not DEVICES.match(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is unknown: allowed values are auto, cpu, cuda, cuda:N")
     if cfg.quant.method != "none":

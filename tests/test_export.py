@@ -329,3 +329,41 @@ def test_export_is_a_stage_outside_all():
     ]
     # the copy destination and the device do not change what is exported
     assert export_stage.key_config(_cfg()) == export_stage.key_config(_cfg("device=cpu"))
+
+
+def test_lora_adapter_loads_with_plain_peft_and_records_the_hub_id(tiny, tmp_path):
+    """What the README promises: a LoRA adapter needs no qwha code to load."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = attach_adapter(load_quantized(tiny / "q"), method="lora", rank=2)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    batch = _batch()
+    ref = _logits(model, batch)
+    model.get_base_model().qwha_base_model = HUB_ID
+    save_adapter(model, tmp_path / "lora")
+    assert (
+        json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == HUB_ID
+    )
+    base = AutoModelForCausalLM.from_pretrained(str(tiny / "q"), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "lora"))
+    assert _rel(_logits(peft_model, batch), _logits(load_quantized(tiny / "q"), batch)) > 1e-3
+    # transformers' own kernel choice (not qwha's), float32: the same function
+    assert _rel(_logits(peft_model, batch), ref) <= 1e-4
+
+
+def test_cli_bad_export_key_is_one_line_exit_2(tmp_path):
+    from tests.conftest import run_cli
+
+    res = run_cli(
+        "stage=export", "export.format=onnx", "dry_run=true", env={"QWHA_CACHE_PATH": str(tmp_path)}
+    )
+    assert res.returncode == 2, res.stderr[-500:]
+    assert res.stderr.strip().splitlines() == [
+        "qwha: error: export.format='onnx' is unknown: allowed values are dense, gptq, lota"
+    ]
