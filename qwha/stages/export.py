@@ -222,14 +222,18 @@ def _measure(model, tok, cfg: DictConfig) -> dict:
         p = heldout_perplexity(model, tok, cfg)
         res.update(ppl=p["ppl"], ppl_tokens=p["tokens"])
     if m.gsm8k_answer_nll:
-        from qwha.eval.gsm8k import answer_nll
+        from qwha.eval.gsm8k import GSM_SYMBOLIC_TEST_IDS, answer_nll
 
+        # as the eval stage: a model tuned on the packaged gsm_symbolic data has seen templates of 100
+        # test questions, which are left out
+        seen = cfg.export.source == "finetune" and data_source(str(cfg.data.source), cfg) == "packaged"
         a = answer_nll(
             model,
             tok,
             source=data_source(str(cfg.eval.source), cfg),
             limit=cfg.eval.gsm8k.limit,
             batch_size=int(cfg.eval.gsm8k.batch_size),
+            exclude_ids=GSM_SYMBOLIC_TEST_IDS if seen else (),
         )
         res.update(gsm8k_answer_nll=a["nll"], gsm8k_answer_ppl=a["ppl"], gsm8k_items=a["n"])
         res["gsm8k_answer_tokens"] = a["tokens"]
