@@ -8,6 +8,11 @@ checkpoint (:func:`qwha.adapters.save_merged_lota`; format and the fractional ze
 ``qwha/adapters/lota_merge.py``), and with ``--check N`` reloads it and prints the largest logit
 difference against the adapter-on model over ``N`` random sequences of 32 tokens. The merged model then
 loads with ``GPTQModel.load(out)`` or ``qwha.quant.load_quantized(out)``.
+
+``--export`` writes the layout of ``stage=export export.format=lota`` instead (the offset also as a
+standard PEFT LoRA, so that ``AutoModelForCausalLM.from_pretrained(out)`` is right too;
+``qwha/adapters/lota_merge.py``); the check then reloads through ``qwha.load_tuned``. The pipeline's
+own way to get that folder, with a model card: ``python -m qwha stage=export method=lota export.format=lota``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--check", type=int, default=0, help="sequences for the merged-vs-adapter check")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--export", action="store_true", help="the export layout (PEFT offset LoRA as well)")
+    ap.add_argument("--base-model", default=None, help="hub id recorded with --export (default: none)")
     args = ap.parse_args()
 
     from qwha.adapters import load_adapter, save_merged_lota
@@ -43,10 +50,23 @@ def main() -> None:
         batch = torch.randint(0, vocab, (args.check, 32), generator=g).to(args.device)
         with torch.no_grad():
             ref = model(batch).logits
-    save_merged_lota(model, args.quantized, args.out)
+    if args.export:
+        from qwha.stages.export import export_lota
+
+        export_lota(model, args.quantized, args.out, args.base_model or "unknown")
+        (args.out / "qwha_export.json").write_text(
+            json.dumps({"format": "lota", "base_model": args.base_model})
+        )
+    else:
+        save_merged_lota(model, args.quantized, args.out)
     report = {"out": str(args.out)}
     if batch is not None:
-        merged = load_quantized(args.out, device=args.device)
+        if args.export:
+            from qwha.load import load_tuned
+
+            merged = load_tuned(args.out, device=args.device)[0]
+        else:
+            merged = load_quantized(args.out, device=args.device)
         with torch.no_grad():
             diff = (merged(batch).logits - ref).abs().max().item()
         report.update(max_abs_logit_diff=diff, max_abs_logit=ref.abs().max().item())

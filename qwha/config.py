@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from qwha import recipes
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-STAGES = ("quantize", "init", "finetune", "eval", "all")
+STAGES = ("quantize", "init", "finetune", "eval", "export", "all")
 BITS = (2, 3, 4, 8)
 GROUPS = ("model", "quant", "adapter", "init", "data", "train", "eval", "experiment", "method", "budget")
 DEVICES = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -504,6 +504,10 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"bits={cfg.bits!r} is not supported: allowed values are 2, 3, 4, 8")
     if isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int) or cfg.group_size <= 0:
         raise ConfigError(f"group_size={cfg.group_size!r} must be a positive integer (32, 64, 128, 256)")
+    if cfg.stage == "export":  # its keys, before any model is loaded (dry_run included)
+        from qwha.stages.export import check as check_export
+
+        check_export(cfg)
     if not DEVICES.match(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is unknown: allowed values are auto, cpu, cuda, cuda:N")
     if not _interpolated(cfg, "rank"):  # a typed rank= first, under its own name

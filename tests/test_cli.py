@@ -32,7 +32,10 @@ def test_cfg_job_and_brief_shorthand():
     ("args", "needle"),
     [
         (["model=gpt5"], "model='gpt5' is unknown: allowed values are hf, llama3.1-8b"),
-        (["stage=train"], "stage='train' is unknown: allowed values are quantize, init, finetune, eval, all"),
+        (
+            ["stage=train"],
+            "stage='train' is unknown: allowed values are quantize, init, finetune, eval, export, all",
+        ),
         (["adapter=dora"], "adapter='dora' is unknown: allowed values are dca, dct2d"),
         (["bits=5"], "bits=5 is not supported: allowed values are 2, 3, 4, 8"),
         (["group_size=100"], "group_size=100 does not divide the smollm2-135m layer width(s) 576, 1536"),

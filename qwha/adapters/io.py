@@ -33,8 +33,18 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _FORMAT_VERSION = 1
+# Attribute of the transformers model naming its base model's hub id (set by the stages' model loader).
+BASE_MODEL_ATTR = "qwha_base_model"
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "read_adapter_config", "save_adapter"]
+__all__ = [
+    "BASE_MODEL_ATTR",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "base_model_id",
+    "load_adapter",
+    "read_adapter_config",
+    "save_adapter",
+]
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
@@ -44,11 +54,24 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write the adapter of ``model`` (a PEFT LoRA model or a model carrying WHA layers) to ``out_dir``."""
+def base_model_id(model: nn.Module) -> str | None:
+    """What an adapter's ``base_model_name_or_path`` records: the hub id the stages attach as
+    ``qwha_base_model`` (the quantized model's own ``_name_or_path`` is a cache folder), else that."""
+    inner = unwrap_model(model)
+    recorded = getattr(inner, BASE_MODEL_ATTR, None)
+    return recorded or getattr(getattr(inner, "config", None), "_name_or_path", None) or None
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter of ``model`` (a PEFT LoRA model or a model carrying WHA layers) to ``out_dir``.
+
+    ``base_model_name_or_path`` (default :func:`base_model_id`) goes into ``adapter_config.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    name_or_path = base_model_name_or_path or base_model_id(model)
     if is_peft_model(model):
+        for cfg in model.peft_config.values():
+            cfg.base_model_name_or_path = name_or_path
         model.save_pretrained(str(out))
         return out
     inner = unwrap_model(model)
@@ -70,7 +93,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
             layer.wha_indices.detach().to("cpu", torch.int32).contiguous()
         )
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    name_or_path = getattr(getattr(inner, "config", None), "_name_or_path", None) or None
     doc = {
         "peft_type": "LOTA" if kind is LoTALinear else "WHA",
         "task_type": "CAUSAL_LM",

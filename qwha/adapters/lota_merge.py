@@ -32,6 +32,21 @@ The tensors are stored in float16 (GPTQModel's buffer dtype); ``lora_A`` is exac
 The transformers loader (optimum's GPTQ path) ignores the ``adapter`` entry; :func:`qwha.quant.pipeline.
 load_quantized` puts the same GPTQModel ``Lora`` back on each layer, so both loaders give the merged
 model.
+
+For loaders that know neither GPTQModel's adapter entry nor qwha, :func:`write_offset_adapter` writes the
+same offset as a standard PEFT LoRA (rank ``G`` per layer, ``lora_A`` the indicator, ``lora_B = s·μ``,
+scaling 1) into the merged folder. ``stage=export export.format=lota`` (:mod:`qwha.stages.export`)
+ships that folder so that every loader gives the adapter-on model or refuses:
+
+* ``AutoModelForCausalLM.from_pretrained(folder)`` (transformers + optimum): transformers finds
+  ``adapter_config.json`` beside ``config.json`` and attaches it with PEFT to the GPTQ layers; the
+  in-checkpoint ``lora_A``/``lora_B`` tensors are reported as unexpected keys and ignored;
+* ``GPTQModel.load(folder)``: the codes and its own in-checkpoint LoRA (it reads no ``adapter_config.json``);
+* ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), folder)``: PEFT reloads the
+  same adapter into the same slot (not a second copy); ``AutoPeftModelForCausalLM`` fails on the adapter's
+  ``base_model_name_or_path``, which is deliberately not a loadable id (the base is the folder itself);
+* ``qwha.quant.load_quantized`` finds no ``quantize_config.json`` (the export drops it; GPTQModel reads
+  ``config.json`` instead) and refuses, rather than adding its LoRA on top of transformers' one.
 """
 
 from __future__ import annotations
@@ -46,7 +61,7 @@ from torch import nn
 from qwha.adapters.base import is_quantized_linear, unwrap_model
 from qwha.adapters.lota import LoTALinear, pack_codes
 
-__all__ = ["group_indicator", "merge_lota", "offset_lora", "save_merged_lota"]
+__all__ = ["group_indicator", "merge_lota", "offset_lora", "save_merged_lota", "write_offset_adapter"]
 
 MERGE_INFO = "lota_merge.json"
 
@@ -190,3 +205,52 @@ def save_merged_lota(model: nn.Module, quant_dir: str | Path, out_dir: str | Pat
     }
     (out_dir / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return out_dir
+
+
+@torch.no_grad()
+def write_offset_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str) -> Path:
+    """Write the fractional zero-point shift of a model merged by :func:`merge_lota` as a standard PEFT
+    LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) in ``out_dir``.
+
+    Per merged layer with ``G`` groups: rank ``G``, ``lora_alpha = G`` (scaling 1), ``lora_A.weight``
+    ``[G, d_in]`` the group indicator, ``lora_B.weight`` ``[d_out, G]`` = ``s·μ`` in float32 (PEFT's
+    ``Δy = lora_B(lora_A(x))``); ``rank_pattern`` / ``alpha_pattern`` carry each layer's ``G``. Only
+    the LoTA-adapted layers are targeted (the other layers have no offset).
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    inner = unwrap_model(model)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name, module in inner.named_modules():
+        adapter = getattr(module, "adapter", None)
+        if not is_quantized_linear(module) or adapter is None or getattr(adapter, "lora_A", None) is None:
+            continue
+        g = _groups(module)
+        a, b = adapter.lora_A[:, :g].float(), adapter.lora_B[:g].float()
+        if not b.any():  # an unadapted layer: zero offset, nothing to store
+            continue
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.T.contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.T.contiguous().cpu()
+        ranks[name] = g
+    if not ranks:
+        raise ValueError("the model carries no merged LoTA offset (merge_lota first)")
+    r = max(ranks.values())
+    config = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(ranks),
+        rank_pattern={n: g for n, g in ranks.items() if g != r},
+        alpha_pattern={n: g for n, g in ranks.items() if g != r},
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
+        revision=None,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out

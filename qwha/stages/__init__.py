@@ -6,7 +6,8 @@
                                         writes the artifact into `out`, returns metrics for the manifest
 
 Stages never import each other; they meet through artifacts (paths). Internal stages: `base` (the model
-weights), `calib` (the shared calibration sample). User-facing: quantize, init, finetune, eval.
+weights), `calib` (the shared calibration sample). User-facing: quantize, init, finetune, eval, and
+`export` (the tuned model as a folder other tools load; run on request, not part of ``stage=all``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib
 from types import ModuleType
 
 PIPELINE = ("quantize", "init", "finetune", "eval")
-ALL_STAGES = ("base", "calib", *PIPELINE)
+ALL_STAGES = ("base", "calib", *PIPELINE, "export")
 _MODULES = {
     "base": "qwha.stages.base",
     "calib": "qwha.stages.calib",
@@ -23,6 +24,7 @@ _MODULES = {
     "init": "qwha.stages.init",
     "finetune": "qwha.stages.finetune",
     "eval": "qwha.stages.eval",
+    "export": "qwha.stages.export",
 }
 
 

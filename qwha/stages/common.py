@@ -58,6 +58,8 @@ def load_model_for(cfg: DictConfig, inputs: dict, upto: str, trainable: bool = F
     model = load_quantized(
         inputs["quantize"].path / MODEL_DIR, device=str(dev), dtype=torch_dtype(str(cfg.model.dtype), dev)
     )
+    # Adapters saved from this model record the base model's hub id, not the quantized model's cache path.
+    model.qwha_base_model = str(cfg.model.id)
     if upto in ("init", "finetune"):
         from qwha.adapters import load_adapter
 

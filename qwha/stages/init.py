@@ -161,12 +161,14 @@ def _quantized_model(cfg: DictConfig, inputs: dict):
     dev = device(cfg)
     # No dequantized-weight cache: the init reads each W_Q once and the perplexity pass scores a few
     # long windows, so the cache would only add a float32 copy of the model (0.4 GB for SmolLM2).
-    return load_quantized(
+    model = load_quantized(
         inputs["quantize"].path / MODEL_DIR,
         device=str(dev),
         dtype=torch_dtype(str(cfg.model.dtype), dev),
         weight_cache=False,
     )
+    model.qwha_base_model = str(cfg.model.id)  # recorded in adapter_config.json, not the cache path
+    return model
 
 
 def _rtn_quantizer(bits: int, group_size: int):
