@@ -124,6 +124,10 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in ("auto", "packaged", "hub"):
             raise ConfigError(f"{key}={value!r} is unknown: allowed values are auto, packaged, hub")
+    if cfg.data.format == "jsonl":  # custom data: the file and its fields, read once, no model loaded
+        from qwha.data.jsonl import check
+
+        check(cfg.data)
 
 
 def _validate_lota(cfg: DictConfig) -> None:

