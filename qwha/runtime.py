@@ -30,7 +30,7 @@ def has_cuda_device() -> bool:
 def configure_environment() -> None:
     """Set defaults for the third-party environment variables this project relies on."""
     root = cache_root()
-    # gptqmodel's dependencies otherwise move HF_HOME to a temporary folder (ENV.md).
+    # gptqmodel's dependencies otherwise move HF_HOME to a temporary folder (docs/design.md, "Environment").
     os.environ.setdefault("HF_HOME", str(root / "hf_home"))
     # wandb raises with no mode and no API key; offline keeps runs local until the user syncs them.
     os.environ.setdefault("WANDB_MODE", "offline")

@@ -1,4 +1,4 @@
-"""Stage `eval`: CSQA (lm-eval, 0-shot), GSM8K zero-shot CoT and held-out perplexity; METHOD §5.
+"""Stage `eval`: CSQA (lm-eval, 0-shot), GSM8K zero-shot CoT and held-out perplexity; docs/method.md §5.
 
 Evaluates the artifact named by ``eval.target`` (quantized model, initialized or fine-tuned adapter) in
 memory, adapter unmerged. Which suites run follows the fine-tuning data as in the paper (Alpaca ->
@@ -83,6 +83,10 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
 
         # Models tuned on the packaged gsm_symbolic data have seen templates of 100 test questions.
         trained_on_templates = e.target == "finetune" and data_source(str(cfg.data.source), cfg) == "packaged"
+        # `eval.gsm8k.exclude_templates=true` (not in the YAML; added by qwha/summary.py) scores an earlier
+        # artifact on the same items as the tuned model, for a like-for-like comparison.
+        if OmegaConf.select(e, "gsm8k.exclude_templates", default="auto") is True:
+            trained_on_templates = True
         res = run_gsm8k(
             model,
             tok,

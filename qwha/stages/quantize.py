@@ -1,4 +1,4 @@
-"""Stage `quantize`: MagR + GPTQ (GPTQModel), GPTQ, RTN or none; METHOD §3.
+"""Stage `quantize`: MagR + GPTQ (GPTQModel), GPTQ, RTN or none; docs/method.md §3.
 
 Writes the quantized model in GPTQModel's format to ``model/`` (with the tokenizer), and reports per-layer
 ``‖ΔW_Q‖_F`` and ``‖ΔW_Q X‖_F`` on the calibration sample, held-out perplexity, wall time and peak memory.
@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from qwha.artifacts import MODEL_DIR, QUANT_INFO, load_calibration
 from qwha.cache import machine_info, machine_label
@@ -25,7 +25,12 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 
 def key_config(cfg: DictConfig) -> dict:
-    return {"quant": cfg.quant}
+    quant = OmegaConf.to_container(cfg.quant, resolve=True)
+    # `magr_solver` came later: the paper's `ista` is left out of the key, so keys made before it existed
+    # still name the same models.
+    if quant.get("magr_solver", "ista") == "ista":
+        quant.pop("magr_solver", None)
+    return {"quant": quant}
 
 
 def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
@@ -39,19 +44,23 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     # The rounding depends on the kernel set and thread count (experiments/results/quantize.md).
     where = machine_label(machine_info())
     log.info("quantize: %s, %d-bit, group %d on %s (%s)", q.method, q.bits, q.group_size, dev, where)
-    metrics = quantize_model(
-        src,
-        out / MODEL_DIR,
-        calib,
-        method=str(q.method),
-        bits=int(q.bits),
-        group_size=int(q.group_size),
-        damp=float(q.damp),
-        magr_alpha=float(q.magr_alpha),
-        magr_iters=int(q.magr_iters),
-        device=str(dev),
-        dtype=torch_dtype(str(cfg.model.dtype), dev),
-    )
+    from qwha.quant.magr import magr_solver
+
+    with magr_solver(str(OmegaConf.select(q, "magr_solver", default="ista"))):
+        metrics = quantize_model(
+            src,
+            out / MODEL_DIR,
+            calib,
+            method=str(q.method),
+            bits=int(q.bits),
+            group_size=int(q.group_size),
+            damp=float(q.damp),
+            magr_alpha=float(q.magr_alpha),
+            magr_iters=int(q.magr_iters),
+            device=str(dev),
+            dtype=torch_dtype(str(cfg.model.dtype), dev),
+        )
+    metrics["magr_solver"] = str(OmegaConf.select(q, "magr_solver", default="ista"))
     tok = load_tokenizer(str(src))
     if q.method != "none":
         tok.save_pretrained(out / MODEL_DIR)
