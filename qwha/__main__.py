@@ -20,6 +20,16 @@ from qwha.config import CONF_DIR, ConfigError, check_overrides, validate
 log = logging.getLogger("qwha")
 
 
+# Import-time warnings of third-party libraries that a user can do nothing about (torchao's optional CUDA
+# extensions, torch's pytree deprecation notes raised by torchao): silenced before those libraries load.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def _quiet_imports() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _fail(msg: str, code: int = 2) -> None:
     print(f"qwha: error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -27,6 +37,7 @@ def _fail(msg: str, code: int = 2) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
+    _quiet_imports()
     try:
         validate(cfg)
     except ConfigError as e:

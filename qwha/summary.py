@@ -138,7 +138,7 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         cells = [_fmt(m, r.values[m][0], r.values[m][1]) for m in names]
         lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
-    mismatched = [m for m in names if len({r.values[m][1] for r in rows}) > 1]
+    mismatched = [METRICS[m][0] for m in names if len({r.values[m][1] for r in rows}) > 1]
     if mismatched:
         lines.append(f"(n differs between rows for {', '.join(mismatched)}: compare with care)")
     return "\n".join(lines)
