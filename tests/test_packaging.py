@@ -11,8 +11,6 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -86,10 +84,9 @@ def test_config_folder_is_found_in_a_checkout():
     assert CONF_DIR == ROOT / "conf" and (CONF_DIR / "config.yaml").is_file()
 
 
-@pytest.mark.slow
 def test_wheel_ships_the_configs_and_runs_from_another_folder(tmp_path):
     """Build the wheel from the tracked files alone, check its contents, unpack it and compose the
-    configuration from an unrelated folder with only the unpacked wheel on the path (~30 s)."""
+    configuration from an unrelated folder with only the unpacked wheel on the path (~15 s)."""
     src = tmp_path / "src"
     for path in tracked_files():
         if path.is_file():
