@@ -3,6 +3,7 @@ and score the same items, and what the table and the reading line say for hand-m
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -133,3 +134,33 @@ def test_timing_counts_computed_stages_only():
 @pytest.mark.parametrize("label", LABELS)
 def test_labels_are_the_rows_in_order(label):
     assert [r.label for r in four_rows()].index(label) == LABELS.index(label)
+
+
+def test_eval_metrics_reach_wandb(tmp_path):
+    """An evaluation's numbers go to wandb as an `eval` run grouped with the training run."""
+    import json
+
+    from qwha.finetune.config import WandbConfig
+    from qwha.finetune.tracking import log_eval
+    from tests.test_finetune_trainer import _wandb_records
+
+    res = {"model": "tiny", "target": "finetune", "bits": 2, **results(123.5, 7.25, 1)}
+    res["gsm8k"]["samples"] = [{"id": 3, "pred": "4"}]  # lists are not metrics
+    assert log_eval(WandbConfig("qwha-test", None, "disabled"), "tiny-wha", res, tmp_path, "finetune") == {}
+    assert not (tmp_path / "wandb").exists()
+    sent = log_eval(WandbConfig("qwha-test", None, "offline"), "tiny-wha", res, tmp_path, "finetune")
+    assert sent["eval/perplexity/ppl"] == 123.5 and sent["eval/gsm8k/answer_nll/ppl"] == 7.25
+    assert sent["eval/gsm8k/exact_match"] == 1 / 16 and "eval/bits" not in sent
+    (log,) = Path(tmp_path, "wandb").glob("offline-run-*/run-*.wandb")
+    records = _wandb_records(log)
+    run = [r.run for r in records if r.WhichOneof("record_type") == "run"][0]
+    assert run.project == "qwha-test" and run.display_name == "tiny-wha-eval-finetune"
+    assert run.run_group == "tiny-wha" and run.job_type == "eval"
+    key = lambda item: item.key or "/".join(item.nested_key)
+    logged = {
+        key(i): json.loads(i.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+        for i in r.history.item
+    }
+    assert logged["eval/perplexity/ppl"] == 123.5 and logged["eval/gsm8k/answer_nll/ppl"] == 7.25

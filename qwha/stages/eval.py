@@ -120,5 +120,11 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
         summary["val_response_ppl"] = val["ppl"]
     results["summary"] = summary
     (out / RESULTS).write_text(json.dumps(results, indent=2, default=str))
+    from qwha.finetune.config import WandbConfig
+    from qwha.finetune.tracking import log_eval
+
+    w = cfg.train.wandb  # the same project and mode as training; eval runs are grouped with it
+    run_name = f"{cfg.model.name}-{cfg.adapter.method}-{cfg.init.method}-b{cfg.bits}"
+    log_eval(WandbConfig(str(w.project), w.name, str(w.mode)), run_name, results, out, str(e.target))
     log.info("eval summary: %s", summary)
     return {"summary": summary}
