@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP); \
 	echo "install: done ($$(du -sh $(VENV) | cut -f1))"
 
-run: $(STAMP)  ## the embedded default, offline: quantize -> init -> finetune -> eval on SmolLM2-135M
+run: $(STAMP)  ## the first run, offline: quantize -> init -> finetune -> eval on SmolLM2-135M, then a comparison report
 	$(PY) -m qwha $(ARGS)
 
 test: $(STAMP)  ## the default test suite (fast unit tests + one real-model end-to-end test)
