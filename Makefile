@@ -42,7 +42,8 @@ $(STAMP): pyproject.toml constraints.txt
 	echo "install: done ($$(du -sh $(VENV) | cut -f1))"
 
 run: $(STAMP)  ## the first run, offline: quantize -> init -> finetune -> eval on SmolLM2-135M, then a comparison report
-	$(PY) -m qwha $(ARGS)
+	@start=$$(date +%s); $(PY) -m qwha $(ARGS); rc=$$?; \
+	echo "make run: $$(( $$(date +%s) - start )) s wall (install not included)"; exit $$rc
 
 test: $(STAMP)  ## the default test suite (fast unit tests + one real-model end-to-end test)
 	$(PY) -m pytest -q

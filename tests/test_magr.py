@@ -220,8 +220,8 @@ def magr_objective(w_hat: torch.Tensor, w: torch.Tensor, g: torch.Tensor, group:
     return float(0.5 * ((d @ gn) * d).sum() + alpha * lin.sum())
 
 
-def test_fista_reaches_the_plain_iterations_objective_in_a_quarter_of_the_steps():
-    """The first run's claim (conf/budget/default.yaml): FISTA with restart reaches, in 50 iterations, an
+def test_fista_reaches_the_plain_iterations_objective_in_a_fifth_of_the_steps():
+    """The first run's claim (conf/model/smollm2-135m.yaml): FISTA with restart reaches, in 40 iterations, an
     objective at least as low as the paper's 200 plain proximal-gradient iterations (independent float64
     objective; the layer has outlier weights and uneven input channels, like an LLM layer)."""
     w, x = _layer(4, d_out=64, d_in=256, tokens=4096)
@@ -229,7 +229,7 @@ def test_fista_reaches_the_plain_iterations_objective_in_a_quarter_of_the_steps(
     group, alpha = 64, 1e-5
     f0 = magr_objective(w, w, g, group, alpha)
     f_ista = magr_objective(magr(w, g, group, alpha=alpha, iters=200, solver="ista"), w, g, group, alpha)
-    f_fista = magr_objective(magr(w, g, group, alpha=alpha, iters=50, solver="fista"), w, g, group, alpha)
+    f_fista = magr_objective(magr(w, g, group, alpha=alpha, iters=40, solver="fista"), w, g, group, alpha)
     assert f_ista < f0  # the plain iteration made progress
     assert f_fista <= f_ista
 
