@@ -20,14 +20,21 @@ from qwha.config import CONF_DIR, ConfigError, check_overrides, validate
 log = logging.getLogger("qwha")
 
 
-# Import-time warnings of third-party libraries that a user can do nothing about (torchao's optional CUDA
-# extensions, torch's pytree deprecation notes raised by torchao): silenced before those libraries load.
+# Warnings of third-party libraries that a user can do nothing about (torchao's optional CUDA extensions,
+# torch's pytree deprecation notes raised by torchao, GPTQModel's banner and its notes on the GIL and on
+# calibration sizes): silenced before those libraries load. Errors still show.
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 def _quiet_imports() -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    try:  # GPTQModel logs through LogBar's shared logger, which sets its own level when first created
+        from logbar import LogBar
+
+        LogBar.shared().setLevel(logging.ERROR)
+    except ImportError:  # pragma: no cover - logbar comes with gptqmodel
+        pass
 
 
 def _fail(msg: str, code: int = 2) -> None:

@@ -156,15 +156,19 @@ def reading(rows: list[Row], cfg: DictConfig) -> str:
                 f"the adapter's quantization-aware init brings it back to {_num(i)} before any training"
             )
         else:
-            parts.append(f"the init leaves it at {_num(i)}")
+            parts.append(f"the init takes it to {_num(i)}")
     task = "gsm8k_answer_ppl" if "gsm8k_answer_ppl" in by["tuned"] else "val_response_ppl"
     steps = cfg.train.max_steps
-    tuning = f"{steps} fine-tuning steps" if steps else "fine-tuning"
+    tuning = f"{steps} fine-tuning step{'s' if steps != 1 else ''}" if steps else "fine-tuning"
     if all(task in by[k] for k in ("initialized", "tuned")):
         i_a, t_a = by["initialized"][task][0], by["tuned"][task][0]
         what = "GSM8K answer perplexity" if task == "gsm8k_answer_ppl" else "validation response perplexity"
-        verb = "lower" if t_a < i_a else "do not lower"
-        parts.append(f"{tuning} {verb} the {what} (the task trained on) from {_num(i_a)} to {_num(t_a)}")
+        if t_a < i_a:
+            parts.append(f"{tuning} lower the {what} (the task trained on) from {_num(i_a)} to {_num(t_a)}")
+        else:
+            parts.append(
+                f"{tuning} did not lower the {what} (the task trained on): {_num(i_a)} -> {_num(t_a)}"
+            )
         if "ppl" in by["tuned"] and by["tuned"]["ppl"][0] > 1.1 * by["initialized"]["ppl"][0]:
             parts.append(
                 f"while held-out text perplexity rises ({_num(by['initialized']['ppl'][0])} -> "
