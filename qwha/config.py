@@ -12,6 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from qwha import recipes
+
 
 def _conf_dir() -> Path:
     """The Hydra config folder: ``qwha/conf`` inside an installed wheel, else the repository's ``conf/``
@@ -95,12 +97,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("model.id is required with model=hf: a Hugging Face id or a local folder")
     if not isinstance(cfg.bits, int) or cfg.bits not in BITS:
         raise ConfigError(f"bits={cfg.bits!r} is not supported: allowed values are 2, 3, 4, 8")
+    recipes.check(cfg)  # per-method recipe (lr, dropout, rank, alpha, steps): a rule for each, logged
     if not isinstance(cfg.rank, int) or cfg.rank <= 0:
         raise ConfigError(f"rank={cfg.rank!r} must be a positive integer")
     if not isinstance(cfg.group_size, int) or cfg.group_size <= 0:
         raise ConfigError(f"group_size={cfg.group_size!r} must be a positive integer (32, 64, 128, 256)")
     if not DEVICES.match(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is unknown: allowed values are auto, cpu, cuda, cuda:N")
+    cd_iters = cfg.quant.get("cd_iters", 0)
+    if cd_iters != "auto" and (isinstance(cd_iters, bool) or not isinstance(cd_iters, int) or cd_iters < 0):
+        raise ConfigError(f"quant.cd_iters={cd_iters!r}: allowed values are auto or an integer >= 0")
     if cfg.quant.method != "none":
         hidden, inter = model_widths(cfg)
         bad = [w for w in sorted({hidden, inter}) if w % cfg.group_size]
@@ -125,6 +131,7 @@ def validate(cfg: DictConfig) -> None:
         )
     if method == "lota":
         _validate_lota(cfg)
+    _validate_baselines(cfg)
     if cfg.eval.target not in ("quantize", "init", "finetune"):
         raise ConfigError(
             f"eval.target={cfg.eval.target!r} is unknown: allowed values are quantize, init, finetune"
@@ -140,6 +147,36 @@ def validate(cfg: DictConfig) -> None:
         from qwha.data.jsonl import check
 
         check(cfg.data)
+
+
+def _validate_baselines(cfg: DictConfig) -> None:
+    """LoftQ's iterations and LoCA's location learning (``adapter.loca``)."""
+    if cfg.init.method == "loftq":
+        iters = cfg.init.get("loftq_iters", 1)
+        if iters != 1:
+            raise ConfigError(
+                f"init.loftq_iters={iters!r} is not supported: more steps would re-quantize the base "
+                "weight, which the stored quantized model does not take; allowed values: 1"
+            )
+    loca = cfg.adapter.get("loca")
+    if loca is None or not loca.get("enabled", False):
+        return
+    from qwha.adapters.loca import LoCAConfig
+
+    try:
+        LoCAConfig.from_mapping(loca)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.adapter.method != "wha":
+        raise ConfigError(
+            f"adapter.loca.enabled=true needs adapter.method=wha, got {cfg.adapter.method!r}: "
+            "allowed adapters are the sparse ones (dct2d, dht2d, wha, dca, dha, sparse, wht2d)"
+        )
+    if cfg.train.fsdp:
+        raise ConfigError(
+            "train.fsdp=true does not fit adapter.loca.enabled=true: location steps need whole tensors; "
+            "allowed: train.fsdp=false (DDP)"
+        )
 
 
 def _validate_lota(cfg: DictConfig) -> None:

@@ -64,9 +64,9 @@ def test_table2_rows_from_cached_init_artifacts(cache_root):
     assert "4 runs (cache and archived records)" in text
 
 
-def test_fig_rank_series_and_png_and_table2_keeps_r64(cache_root, tmp_path):
+def test_fig_rank_series_and_png_and_table2_keeps_its_rank(cache_root, tmp_path):
     cache = StageCache(cache_root)
-    errors = {("qwha", 8): 0.8, ("qwha", 64): 0.41, ("cloq", 8): 0.9, ("cloq", 64): 0.6}
+    errors = {("qwha", 8): 0.8, ("qwha", 12): 0.41, ("cloq", 8): 0.9, ("cloq", 12): 0.6}
     for (method, r), err in errors.items():
         _fake_pipeline(cache, [f"method={method}", f"rank={r}", "bits=2"], {"layer_error_relative": err})
     _fake_pipeline(cache, ["init=magnitude", "rank=8", "bits=2"], {"layer_error_relative": 0.7})
@@ -77,7 +77,8 @@ def test_fig_rank_series_and_png_and_table2_keeps_r64(cache_root, tmp_path):
     png = tmp_path / "fig_rank_smollm2-135m.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = render.table2(cache_root, "smollm2-135m")
-    assert "| 2 | qwha | True | 0.4100 |" in table  # r = 64 only: the r = 8 runs stay out of Table 2
+    # SmolLM2's table rank is r = 12 (the density of Llama-3.2-3B at r = 64): the r = 8 runs stay out
+    assert "| 2 | qwha | True | 0.4100 |" in table
     assert "0.8000" not in table and "0.7000" not in table
 
 
@@ -253,6 +254,7 @@ def test_table2_fig_rank_and_table5_leave_out_the_temperature_and_group_sweeps(c
     t2 = render.table2(cache_root, "smollm2-135m")
     assert "| 2 | qwha | True | 0.4200 |" in t2 and "0.4300" not in t2 and "0.4400" not in t2
     fig = render.fig_rank(cache_root, "smollm2-135m")
-    assert "| 2 | qwha | 64 | 0.4200 |" in fig and "| 2 | cloq | 64 | 0.5600 |" in fig
+    # the embedded model's default rank is 12 (the density of Llama-3.2-3B at r = 64)
+    assert "| 2 | qwha | 12 | 0.4200 |" in fig and "| 2 | cloq | 12 | 0.5600 |" in fig
     assert "0.4300" not in fig and "0.4400" not in fig
     assert render.table5(cache_root, "smollm2-135m").count("| qwha | 2 | gsm8k |") == 1

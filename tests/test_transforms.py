@@ -66,3 +66,42 @@ def test_half_precision_keeps_dtype(kind):
 def test_unknown_kind():
     with pytest.raises(ValueError, match="transform='fft' is not one of wht, dct, dht, identity"):
         transform_matrix("fft", 8)
+
+
+def test_dht2d_adapter_matches_a_numpy_fft_reference():
+    """adapter=dht2d (SSH's transform): ``ΔW = s · H_out F H_in`` with ``H`` the orthonormal DHT, here built
+    from numpy's FFT (``H x = Re(FFT x) − Im(FFT x)``, scaled by 1/√n; symmetric, its own inverse); the
+    layer's output and ``∂L/∂c`` against that float64 reference."""
+    from torch import nn
+
+    from qwha.adapters import WHALinear
+    from tests.conftest import compose
+
+    a = compose("adapter=dht2d").adapter
+    assert (a.method, a.transform, a.dims) == ("wha", "dht", 2)
+    d_out, d_in, p = 10, 14, 23
+
+    def dht_matrix(n: int) -> torch.Tensor:
+        f = np.fft.fft(np.eye(n), axis=0)
+        return torch.from_numpy((f.real - f.imag) / math.sqrt(n))
+
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out, dtype=torch.float64)
+    layer = WHALinear(base, p, transform=a.transform, dims=int(a.dims), scale_norm="paper", alpha=5.0)
+    flat = torch.randperm(d_out * d_in)[:p]
+    idx = torch.stack((flat // d_in, flat % d_in), dim=1)
+    layer.set_sparse(idx, torch.randn(p, dtype=torch.float64))
+    rows, cols = layer.indices().unbind(1)
+    c = layer.wha_c.detach().clone().requires_grad_(True)
+    f = torch.zeros(d_out, d_in, dtype=torch.float64).index_put((rows, cols), c)
+    delta_ref = layer.scale * dht_matrix(d_out) @ f @ dht_matrix(d_in)
+    assert torch.allclose(layer.delta_weight(), delta_ref, rtol=0, atol=1e-12)
+
+    x = torch.randn(3, d_in, dtype=torch.float64)
+    g = torch.randn(3, d_out, dtype=torch.float64)
+    y = layer(x)
+    (grad,) = torch.autograd.grad((y * g).sum(), layer.wha_c)
+    y_ref = base(x).detach() + x @ delta_ref.T
+    (grad_ref,) = torch.autograd.grad((y_ref * g).sum(), c)
+    assert torch.allclose(y, y_ref, rtol=0, atol=1e-12)
+    assert torch.allclose(grad, grad_ref, rtol=0, atol=1e-12)

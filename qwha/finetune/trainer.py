@@ -83,6 +83,7 @@ def train(
     config_to_log: dict | None = None,
     checkpoint_dir: str | Path | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    step_hook: Any = None,
 ) -> dict[str, Any]:
     """Fine-tune the parameters of ``model`` that have ``requires_grad=True`` on ``train_set``.
 
@@ -93,7 +94,11 @@ def train(
     ``conf/train/default.yaml`` (``TrainConfig``). out_dir: receives ``metrics.jsonl`` (and wandb's offline
     files). checkpoint_dir: where ``step-N/`` checkpoints live (default ``out_dir/checkpoints``); pass a
     stable folder for a run to resume across kills. on_step(step, row): called on every process after
-    optimizer step ``step`` (1-based) and its checkpoint.
+    optimizer step ``step`` (1-based) and its checkpoint. step_hook: an object that trains something
+    besides the optimizer's parameters (LoCA's locations, ``qwha.adapters.loca.LocationLearner``):
+    ``before_step(step, total_steps)`` before a step's forward passes, ``before_optimizer(step,
+    optimizer)`` after its backward passes (before clipping), and ``state_dict()`` /
+    ``load_state_dict()`` saved in and restored from every checkpoint.
 
     Under torchrun (WORLD_SIZE > 1) it joins the process group, wraps the model in DDP (or FSDP2 with
     ``fsdp: true``) and only rank 0 writes files. Returns the run's metrics (rank 0's view; the same
@@ -104,7 +109,7 @@ def train(
     # The process group (if this call created it) lives until the process exits; a later call reuses it.
     # On an exception no barrier is entered (a failed rank must not wait for the others).
     args = (model, tokenizer, train_set, cfg, Path(out_dir), seed, env, run_name, config_to_log)
-    result = _Trainer(*args, checkpoint_dir, on_step).run()
+    result = _Trainer(*args, checkpoint_dir, on_step, step_hook).run()
     teardown(env)
     return result
 
@@ -123,8 +128,10 @@ class _Trainer:
         config_to_log,
         checkpoint_dir,
         on_step,
+        step_hook=None,
     ) -> None:
         self.cfg, self.env, self.seed, self.on_step = cfg, env, seed, on_step
+        self.step_hook = step_hook
         self.model, self.train_set = model, train_set
         self.out_dir = out_dir
         self.ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoints"
@@ -279,6 +286,8 @@ class _Trainer:
                 }
         opt.load_state_dict(sd)
         sched.load_state_dict(state["scheduler"])
+        if self.step_hook is not None:
+            self.step_hook.load_state_dict(state.get("step_hook"))
         ckpt.set_rng_state(state["rng"])
         return state
 
@@ -287,6 +296,8 @@ class _Trainer:
         opt_state = self._optimizer_state(opt)
         if self.env.is_main:
             state = {"scheduler": sched.state_dict(), "fingerprint": self._fingerprint(), "summary": summary}
+            if self.step_hook is not None:
+                state["step_hook"] = self.step_hook.state_dict()
             ckpt.save_checkpoint(
                 self.ckpt_dir, step, trainable, opt_state, state, metrics_path, self.cfg.keep_last
             )
@@ -439,6 +450,8 @@ class _Trainer:
     def _step(self, wrapped: nn.Module, opt, sched, step: int) -> tuple[float, int, float | None, float]:
         env, cfg = self.env, self.cfg
         batches = self._step_batches(step)
+        if self.step_hook is not None:
+            self.step_hook.before_step(step, self.total_steps)
         counts = torch.tensor(
             [
                 sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
@@ -471,6 +484,8 @@ class _Trainer:
                 (loss * scale).backward()
             loss_sum += loss.detach().double()
             del out, logits, loss
+        if self.step_hook is not None:
+            self.step_hook.before_optimizer(step, opt)
         params = [p for _, p in self.params]
         if cfg.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))

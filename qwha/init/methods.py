@@ -1,8 +1,9 @@
 """Every adapter init as one function of a layer: `initialize(method, ΔW_Q, XXᵀ, budget, ...)`.
 
-Sparse methods (`zero, random, magnitude, ssh, loca, adaalloc`; see `qwha.init.selection` for what
-each selects) return `{"kind": "sparse", "indices": LongTensor [p, 2] (row, col) row-major,
-"values": [p] float64}` with *unscaled* values: `ΔW = scatter(values, indices) · T_inᵀ`, or for the
+Sparse methods (`zero, random, magnitude, ssh, loca, adaalloc`, and the baselines' own inits
+`random_zero, ssh_w0`; see `qwha.init.selection` for what each selects) return
+`{"kind": "sparse", "indices": LongTensor [p, 2] (row, col) row-major, "values": [p] float64}` with
+*unscaled* values: `ΔW = scatter(values, indices) · T_inᵀ`, or for the
 2-D ablation `ΔW = T_out · F · T_inᵀ`. The adapter divides by its scale `s` when it stores them.
 Low-rank methods (`lora_zero, cloq, loftq`) return `{"kind": "lowrank", "A": [r, d_in],
 "B": [d_out, r]}` (float64, `ΔW = B @ A`, unscaled), plus `"weight_q"` for LoftQ with more than one
@@ -50,7 +51,9 @@ __all__ = [
     "initialize_layer",
 ]
 
-SPARSE_METHODS = ("zero", "random", "magnitude", "ssh", "loca", "adaalloc")
+SPARSE_METHODS = ("zero", "random", "magnitude", "ssh", "loca", "adaalloc", "random_zero", "ssh_w0")
+# Inits whose values are zero whatever `refine` says (the initialized model is the quantized model).
+ZERO_VALUE_METHODS = ("zero", "random_zero", "ssh_w0")
 LOWRANK_METHODS = ("lora_zero", "cloq", "loftq")
 METHODS = SPARSE_METHODS + LOWRANK_METHODS
 TRANSFORMS = ("wht", "dct", "dht", "identity")
@@ -113,14 +116,15 @@ def initialize(
         transform: input transform kind (`wht, dct, dht, identity`) or a matrix `[d_in, d_in]`.
         transform_out: None (1-D adapter) or the output transform (kind or `[d_out, d_out]`), 2-D.
         refine: least-squares value refinement on the selected support (sparse methods except
-            `zero`; ignored by `zero` and the low-rank methods).
+            the zero-valued `zero, random_zero, ssh_w0`; ignored by those and the low-rank methods).
         temperature: AdaAlloc's `t`.
         alloc_weight: AdaAlloc importance, "activation" (paper) or "weight" (authors' code).
         score: "magnitude" (paper) or "energy" (authors' code); used by adaalloc, magnitude, ssh.
-        seed: for random locations (random, zero, ssh) and LoRA's `A`.
+        seed: for random locations (random, zero, random_zero, ssh, ssh_w0) and LoRA's `A`.
         rank: `r` of the low-rank methods.
         loftq_iters: LoftQ's alternating steps (1: SVD of `ΔW_Q`).
-        weight: full-precision `W [d_out, d_in]` (LoftQ with >1 step; ssh with `ssh_source="weight"`).
+        weight: full-precision `W [d_out, d_in]` (LoftQ with >1 step; ssh with `ssh_source="weight"`;
+            `ssh_w0`, which ranks the transformed pretrained weight).
         quantize_fn: `W ↦ dequantized W_Q` (LoftQ with >1 step).
         ssh_source: what SSH-style ranks: "quant_error" (`ΔW_Q T`) or "weight" (`W T`).
         rel_damp: relative damping of the Gram (docs/method.md: 1e-4).
@@ -144,8 +148,8 @@ def initialize(
     budget = int(budget)
     device = delta_w.device
     gen = torch.Generator().manual_seed(seed)
-    if method == "zero":
-        idx = select_random(d_out, d_in, budget, gen, device=device)
+    if method in ZERO_VALUE_METHODS:
+        idx = _zero_value_support(method, budget, gen, weight, transform, transform_out, d_out, d_in, device)
         return {
             "kind": "sparse",
             "indices": idx,
@@ -200,6 +204,27 @@ def initialize(
 
     values = refine_values(normal, rhs, idx) if refine else gather_values(coeffs, idx)
     return {"kind": "sparse", "indices": idx, "values": values}
+
+
+def _zero_value_support(method, budget, gen, weight, transform, transform_out, d_out, d_in, device) -> Tensor:
+    """Locations of the zero-valued inits: uniform (`zero`, `random_zero`) or SSH's (`ssh_w0`).
+
+    `ssh_w0` ranks `|T_outᵀ W₀ T_in|` (the transformed pretrained weight; 1-D without `transform_out`),
+    keeps its `⌊p/2⌋` largest entries and draws the rest uniformly among the others (`select_ssh`)."""
+    if method != "ssh_w0":
+        return select_random(d_out, d_in, budget, gen, device=device)
+    if weight is None:
+        raise ValueError("weight: method='ssh_w0' needs the full-precision (pretrained) weight W0")
+    if tuple(weight.shape) != (d_out, d_in):
+        raise ValueError(f"weight: expected [{d_out}, {d_in}], got {tuple(weight.shape)}")
+    w0 = weight.to(device=device, dtype=torch.float64)
+    spectrum = RightTransform.from_matrix(resolve_transform(transform, d_in, device=device)).forward(w0)
+    if transform_out is not None:
+        op_out = RightTransform.from_matrix(
+            resolve_transform(transform_out, d_out, device=device, key="transform_out")
+        )
+        spectrum = op_out.forward(spectrum.transpose(0, 1).contiguous()).transpose(0, 1)
+    return select_ssh(spectrum.abs(), budget, gen)
 
 
 def _lowrank(method, delta_w, xtx, rank, seed, loftq_iters, weight, quantize_fn, rel_damp) -> dict:

@@ -27,6 +27,10 @@ Selection rules (`method` of `qwha.init.initialize`):
   differs from `magnitude` exactly by the activation weighting (`|coeffs M|` instead of
   `|coeffs|`). Use it with `transform="dct"` and a 2-D transform for LoCA's own setting.
 - `zero` -- the locations of `random` (same seed); values zero (no compensation).
+- `random_zero` -- the same support and zero values, named for the baselines that init this way
+  (SHiRA with the identity transform, LoCA with the 2-D DCT): no quantization-aware init.
+- `ssh_w0` -- SSH's own init: the support of `ssh` ranked on the transformed PRETRAINED weight
+  `T_outᵀ W₀ T_in` (2-D DHT in SSH), `⌊p/2⌋` largest plus the rest uniformly random; values zero.
 
 Without refinement the values are the dense coefficients at the support (`coeffs[S]`, the best
 values for the unweighted `‖ΔW_Q − F Tᵀ‖_F`); with it, the least squares of `qwha.init.refine`.

@@ -9,6 +9,8 @@ Methods (``quant.method``):
 - ``rtn``: GPTQModel's weight-only round-to-nearest (``RTNConfig``), no calibration data.
 - ``gptq``: GPTQModel's GPTQ, asymmetric, static groups, no act-order, damping 0.01.
 - ``magr_gptq``: MagR on every layer's weight, with that layer's GPTQ Hessian, right before GPTQ.
+Both calibrated methods take ``cd_iters`` sweeps of coordinate-descent re-rounding after GPTQ (the
+authors' variant, :mod:`qwha.quant.coordinate_descent`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def validate(
     damp: float = 0.01,
     magr_alpha: float = 1e-5,
     magr_iters: int = 200,
+    cd_iters: int = 0,
+    cd_damp: float = 0.75,
 ) -> None:
     """Raise a one-line ValueError naming the offending key if the quantization request is invalid.
 
@@ -55,7 +59,8 @@ def validate(
         widths: input widths ``d_in`` of every layer to be quantized (e.g. hidden and intermediate size).
         n_windows, window_len: calibration sample shape ``[n, L]``; n_tokens: tokens in the calibration
             text. All three are ignored (may be None) for methods that use no calibration.
-        method: one of :data:`QUANT_METHODS`; damp, magr_alpha, magr_iters: GPTQ / MagR settings.
+        method: one of :data:`QUANT_METHODS`; damp, magr_alpha, magr_iters: GPTQ / MagR settings;
+            cd_iters, cd_damp: coordinate-descent sweeps after GPTQ and their Gram damping.
 
     Meant to run before any model is loaded: it reads no files.
     """
@@ -80,6 +85,10 @@ def validate(
         return
     if not 0 < damp < 1:
         raise ValueError(f"quant.damp={damp}: must lie in (0, 1)")
+    if isinstance(cd_iters, bool) or not isinstance(cd_iters, int) or cd_iters < 0:
+        raise ValueError(f"quant.cd_iters={cd_iters!r}: must be an integer >= 0 (sweeps; 0 = none)")
+    if cd_iters > 0 and not cd_damp > 0:
+        raise ValueError(f"quant.cd_damp={cd_damp}: must be > 0 (fraction of the Gram's mean diagonal)")
     if method == "magr_gptq":
         if not magr_alpha > 0:
             raise ValueError(f"quant.magr_alpha={magr_alpha}: must be > 0")

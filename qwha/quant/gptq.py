@@ -10,7 +10,11 @@ calibration statistics meet — the per-module task object (``gptqmodel.quantiza
    is irrelevant), and hands the result to GPTQ through ``module_copy`` — the attribute GPTQ's
    ``quantize()`` reads as "the weight to quantize" instead of cloning the module's weight. GPTQ then
    picks its static group grids from, and solves for, the MagR weight.
-2. Per-layer error: after GPTQ returns ``W_Q`` the task records ``‖W − W_Q‖_F`` and
+2. Coordinate descent (optional, ``cd_iters`` > 0): the authors' variant re-rounds GPTQ's codes column
+   by column on GPTQ's own grid to lower ``‖(W − Ŵ) X‖`` against the ORIGINAL weight with their damped
+   Gram (:mod:`qwha.quant.coordinate_descent`) and hands GPTQModel the re-rounded ``Q`` in place of
+   GPTQ's; the processor packs it with the unchanged scales and zero-points.
+3. Per-layer error: after GPTQ returns ``W_Q`` the task records ``‖W − W_Q‖_F`` and
    ``‖(W − W_Q) X‖_F = sqrt(n/2 · tr(ΔW H ΔWᵀ))`` against the ORIGINAL weight ``W`` (what an adapter
    must correct), with ``X`` the calibration inputs GPTQ saw for that layer (outputs of the already
    quantized layers before it, GPTQ's sequential setting).
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qwha.quant.coordinate_descent import coordinate_descent, grid_codes
 from qwha.quant.magr import magr
 from qwha.quant.metrics import gram_error
 
@@ -46,11 +51,14 @@ log = logging.getLogger("qwha.quant")
 
 @dataclass(frozen=True)
 class MagRSettings:
-    """MagR options applied inside the GPTQ task (``enabled=False``: plain GPTQ, errors still recorded)."""
+    """Options applied inside the GPTQ task: MagR before the solve (``enabled=False``: plain GPTQ, errors
+    still recorded) and ``cd_iters`` coordinate-descent sweeps after it (0: none)."""
 
     enabled: bool
     alpha: float = 1e-5
     iters: int = 200
+    cd_iters: int = 0
+    cd_damp: float = 0.75
 
 
 class LayerErrorSink:
@@ -125,6 +133,9 @@ def gptq_task_class(settings: MagRSettings, sink: LayerErrorSink):
             result = super().quantize(blocksize=blocksize)
             w_q, q_scale, q_zero, g_idx = result[:4]
             w_q = w_q.to(device=w.device, dtype=torch.float32).reshape(w.shape)
+            if settings.cd_iters > 0 and nsamples > 0:
+                w_q = self._coordinate_descent(w, w_q, q_scale, q_zero, g_idx, h, row)
+                result = (w_q.to(result[0].device, result[0].dtype).reshape(result[0].shape), *result[1:])
             dw = w - _as_stored(w_q, q_scale, q_zero, g_idx)
             row["dw_fro"] = dw.norm().item()
             row["w_fro"] = w.norm().item()
@@ -133,6 +144,31 @@ def gptq_task_class(settings: MagRSettings, sink: LayerErrorSink):
             name = self._named_module.full_name if self._named_module is not None else self.name
             sink.put(name, row)
             return result
+
+        def _coordinate_descent(self, w, w_q, q_scale, q_zero, g_idx, h, row) -> torch.Tensor:
+            """GPTQ's ``W_Q`` re-rounded by coordinate descent on its own grid (float32 scales, as GPTQ
+            computed ``W_Q``; the processor packs the result with those same scales)."""
+            start = time.perf_counter()
+            maxq = 2**self.qcfg.bits - 1
+            scale, zero = q_scale.float().to(w.device), q_zero.float().to(w.device)
+            codes = grid_codes(w_q, scale, zero, g_idx.to(w.device), maxq)
+            cd = coordinate_descent(
+                w,
+                codes,
+                scale,
+                zero,
+                g_idx,
+                h.to(w.device),
+                maxq=maxq,
+                sweeps=settings.cd_iters,
+                damp=settings.cd_damp,
+            )
+            gidx = g_idx.long().to(w.device)
+            row["cd_seconds"] = time.perf_counter() - start
+            row["cd_sweeps"] = float(cd.sweeps)
+            row["cd_changed"] = float(sum(cd.changed))
+            row["cd_objective_ratio"] = cd.objective[-1] / cd.objective[0] if cd.objective[0] > 0 else 1.0
+            return (cd.codes.float() - zero[:, gidx]) * scale[:, gidx]
 
     return MagRGPTQ
 

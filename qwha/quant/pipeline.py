@@ -83,6 +83,8 @@ def quantize_model(
     damp: float = 0.01,
     magr_alpha: float = 1e-5,
     magr_iters: int = 200,
+    cd_iters: int = 0,
+    cd_damp: float = 0.75,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     batch_size: int = 1,
@@ -97,7 +99,9 @@ def quantize_model(
             required by ``gptq``/``magr_gptq``; optional for ``rtn`` (then only used to report
             ``‖ΔW_Q X‖`` on its first ``rtn_metric_windows`` windows); ignored by ``none``.
         method: one of ``QUANT_METHODS``; bits, group_size, damp: GPTQ settings; magr_alpha,
-            magr_iters: MagR settings (``magr_gptq`` only).
+            magr_iters: MagR settings (``magr_gptq`` only); cd_iters, cd_damp: coordinate-descent sweeps
+            after GPTQ and their Gram damping (:mod:`qwha.quant.coordinate_descent`; ``gptq`` and
+            ``magr_gptq``; 0 sweeps: none).
         device: where GPTQModel quantizes (``"cpu"``, ``"cuda"``, ``"cuda:0"``); dtype: dtype the
             full-precision model is loaded in for quantization (calibration forwards run in it).
         batch_size: calibration windows per forward in GPTQModel's loop.
@@ -123,6 +127,8 @@ def quantize_model(
         damp=damp,
         magr_alpha=magr_alpha,
         magr_iters=magr_iters,
+        cd_iters=cd_iters,
+        cd_damp=cd_damp,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     info: dict = {
@@ -132,6 +138,8 @@ def quantize_model(
         "damp": damp,
         "magr_alpha": magr_alpha if method == "magr_gptq" else None,
         "magr_iters": magr_iters if method == "magr_gptq" else None,
+        "cd_iters": cd_iters if method in CALIBRATED_METHODS else None,
+        "cd_damp": cd_damp if method in CALIBRATED_METHODS and cd_iters > 0 else None,
         "calib_shape": [n_windows, window_len] if method != "none" and calib is not None else None,
         "device": str(device),
     }
@@ -153,7 +161,13 @@ def quantize_model(
             )
             rows = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in calib.long()]
             sink = LayerErrorSink()
-            settings = MagRSettings(enabled=method == "magr_gptq", alpha=magr_alpha, iters=magr_iters)
+            settings = MagRSettings(
+                enabled=method == "magr_gptq",
+                alpha=magr_alpha,
+                iters=magr_iters,
+                cd_iters=cd_iters,
+                cd_damp=cd_damp,
+            )
             with gptq_task_class_installed(settings, sink):
                 model.quantize(rows, batch_size=batch_size, backend=BACKEND.GPTQ_TORCH)
             model.save(str(out_dir))

@@ -36,6 +36,8 @@ def upstream(cfg: DictConfig) -> list[str]:
 def key_config(cfg: DictConfig) -> dict:
     train = {k: v for k, v in cfg.train.items() if k not in NOT_IN_KEY}
     key = {"data": cfg.data, "train": train, "seed": cfg.seed}
+    if cfg.adapter.get("loca") is not None:  # LoCA's location learning (the init key leaves it out)
+        key["loca"] = cfg.adapter.loca
     if cfg.data.format == "jsonl":  # the file's content, not only its path
         from qwha.data.jsonl import fingerprint
 
@@ -45,6 +47,7 @@ def key_config(cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
     from qwha.adapters import save_adapter
+    from qwha.adapters.loca import location_learner
     from qwha.data.sft import build_or_load_tokenized
     from qwha.finetune import train
 
@@ -73,6 +76,7 @@ def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
         f"lr {cfg.train.lr:g}" if train_cfg.get("optimizer", "adamw") == "adamw" else "t-SignSGD",
         cfg.train.max_steps or "epochs",
     )
+    loca = location_learner(model, cfg.adapter)  # LoCA's location learning, if enabled
     run_name = cfg.train.wandb.name or f"{cfg.model.name}-{cfg.adapter.method}-{cfg.init.method}-b{cfg.bits}"
     metrics = train(
         model,
@@ -85,9 +89,13 @@ def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
         run_name=run_name,
         config_to_log=OmegaConf.to_container(cfg, resolve=True),
         checkpoint_dir=work / "checkpoints",
+        step_hook=loca,
     )
     save_adapter(_unwrapped(model), out / ADAPTER_DIR)
+    if loca is not None:  # how many times a coefficient changed cell (0: the locations stayed fixed)
+        metrics["loca_location_changes"] = loca.total_moved
     keep = ("first_loss", "final_loss", "steps", "tokens_per_s", "step_time_s", "peak_mem_mb")
+    keep += ("loca_location_changes",)
     metrics["summary"] = {k: metrics[k] for k in keep if k in metrics}
     return metrics
 

@@ -42,7 +42,9 @@ def upstream(cfg: DictConfig) -> list[str]:
 
 def key_config(cfg: DictConfig) -> dict:
     # The report holds the initialized model's held-out perplexity, so its settings are part of the key.
-    return {"adapter": cfg.adapter, "init": cfg.init, "seed": cfg.seed, "perplexity": cfg.eval.perplexity}
+    # LoCA's location learning (adapter.loca) acts during fine-tuning: the finetune key holds it.
+    adapter = {k: v for k, v in cfg.adapter.items() if k != "loca"}
+    return {"adapter": adapter, "init": cfg.init, "seed": cfg.seed, "perplexity": cfg.eval.perplexity}
 
 
 # Grams of the last full-precision model and calibration sample, kept for the next init in the same
@@ -266,6 +268,7 @@ def _init_layer(
             temperature=float(ini.temperature),
             alloc_weight=str(ini.alloc_weight),
             score=str(ini.score),
+            weight=w.double(),  # W0: ranked by init=ssh_w0
         )
     else:
         kw = dict(

@@ -33,6 +33,13 @@ def key_config(cfg: DictConfig) -> dict:
     return {"quant": quant}
 
 
+def cd_sweeps(value, bits: int) -> int:
+    """``quant.cd_iters``: an integer, or ``auto`` = the authors' schedule (30 sweeps at 2 bits, else 1)."""
+    if value == "auto":
+        return 30 if bits == 2 else 1
+    return int(value)
+
+
 def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     from qwha.models import base_model_ref, load_tokenizer, local_model_dir, torch_dtype
     from qwha.quant import load_quantized, quantize_model
@@ -57,6 +64,8 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
             damp=float(q.damp),
             magr_alpha=float(q.magr_alpha),
             magr_iters=int(q.magr_iters),
+            cd_iters=cd_sweeps(q.get("cd_iters", 0), int(q.bits)),
+            cd_damp=float(q.get("cd_damp", 0.75)),
             device=str(dev),
             dtype=torch_dtype(str(cfg.model.dtype), dev),
         )
