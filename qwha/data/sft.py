@@ -3,8 +3,8 @@
 Formats (docs/method.md §4):
 - ``gsm8k``: prompt = ``{question}\\nAnswer the above question. First think step by step and then answer
   the final number.\\n`` (the evaluation prompt of docs/method.md §5, so the tuned model answers in the
-  format the evaluation parses); target = the worked solution with ``####`` replaced by ``The final answer is: ``.
-  The paper masks the prompt in the loss.
+  format the evaluation parses); target = the worked solution with ``####`` replaced by
+  ``The final answer is: ``. The paper masks the prompt in the loss.
 - ``alpaca``: the standard Alpaca template, with or without an input block; the paper does not mask the
   prompt (the authors' code), ``mask_prompt=True`` turns masking on.
 
