@@ -120,8 +120,9 @@ def test_validate_runs_the_check_before_any_model(tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl", ROWS)
     cfg = compose("data=jsonl", f"data.path={p}")
     validate(cfg)
-    # A custom set takes the model's Alpaca learning rate (data.lr_like) for the current bits.
-    assert cfg.train.lr == cfg.model.lr.alpaca[f"b{cfg.bits}"]
+    # A custom set takes the learning rate an Alpaca run would (data.lr_like), from the model's table.
+    assert cfg.train.lr == compose("data=alpaca").train.lr
+    assert cfg.train.lr in [float(v) for v in cfg.model.lr.qwha.alpaca.values()]
 
 
 def test_cli_missing_field_exits_2_with_one_line(tmp_path):
