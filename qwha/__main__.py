@@ -8,6 +8,8 @@ python -m qwha --help | --cfg job
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
 
@@ -29,10 +31,12 @@ QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 def _quiet_imports() -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:  # GPTQModel logs through LogBar's shared logger, which sets its own level when first created
-        from logbar import LogBar
+    try:  # GPTQModel logs through LogBar's shared logger, which sets its own level when first created;
+        # importing logbar writes an empty line to stdout, kept out of `dry_run` listings.
+        with contextlib.redirect_stdout(io.StringIO()):
+            from logbar import LogBar
 
-        LogBar.shared().setLevel(logging.ERROR)
+            LogBar.shared().setLevel(logging.ERROR)
     except ImportError:  # pragma: no cover - logbar comes with gptqmodel
         pass
 
