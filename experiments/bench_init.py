@@ -5,7 +5,7 @@
     PYTHONPATH=. python experiments/bench_init.py --d-out 256 --d-in 512 --rank 8   # quick
 
 Three implementations of the same init (AdaAlloc with activation weights, magnitude score,
-refinement; METHOD §2) on the same synthetic layer, all float64, timed once each in one run:
+refinement; docs/method.md §2) on the same synthetic layer, all float64, timed once each in one run:
 
 - `batched`: `qwha.init.initialize("adaalloc", ...)` -- the package's code.
 - `loop`: the plain per-channel formulation (the authors' structure, kept here only as the

@@ -8,6 +8,8 @@ python -m qwha --help | --cfg job
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
 
@@ -15,9 +17,28 @@ import hydra
 from omegaconf import DictConfig
 
 import qwha  # noqa: F401  (environment hygiene before the heavy imports)
-from qwha.config import ConfigError, check_overrides, validate
+from qwha.config import CONF_DIR, ConfigError, check_overrides, validate
 
 log = logging.getLogger("qwha")
+
+
+# Warnings of third-party libraries that a user can do nothing about (torchao's optional CUDA extensions,
+# torch's pytree deprecation notes raised by torchao, GPTQModel's banner and its notes on the GIL and on
+# calibration sizes): silenced before those libraries load. Errors still show.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def _quiet_imports() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:  # GPTQModel logs through LogBar's shared logger, which sets its own level when first created;
+        # importing logbar writes an empty line to stdout, kept out of `dry_run` listings.
+        with contextlib.redirect_stdout(io.StringIO()):
+            from logbar import LogBar
+
+            LogBar.shared().setLevel(logging.ERROR)
+    except ImportError:  # pragma: no cover - logbar comes with gptqmodel
+        pass
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -25,8 +46,9 @@ def _fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
+    _quiet_imports()
     from qwha.runtime import quiet_third_party_logs, set_offline
 
     set_offline(bool(cfg.offline))
@@ -87,6 +109,13 @@ def main(cfg: DictConfig) -> dict | None:
             raise
         _fail(msg)
     log.info("summary\n%s", summary_table(done))
+    from qwha.summary import first_run_summary, wanted
+
+    if wanted(cfg):  # `make run`: full precision vs quantized vs initialized vs tuned (qwha/summary.py)
+        try:
+            print(first_run_summary(cfg, cache, done), flush=True)
+        except (StageNotReady, ConfigError) as e:
+            _fail(str(e), code=3 if isinstance(e, StageNotReady) else 2)
     return {name: art.metrics for name, (art, _) in done.items()}
 
 

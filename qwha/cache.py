@@ -2,7 +2,7 @@
 
 An artifact lives in ``<root>/<stage>/<key>/``; ``key`` hashes exactly the configuration that affects
 the stage plus the keys of the artifacts it consumes, so it is independent of the machine, the cache
-root and the order of keys in YAML. The contract (DESIGN.md):
+root and the order of keys in YAML. The contract (docs/design.md):
 
 - A stage builds into a private temporary folder beside the final one. Its ``manifest.json`` (stage,
   key, config slice, upstream keys and the :func:`build_id` of each upstream artifact it read,

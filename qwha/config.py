@@ -15,7 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from qwha import recipes
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def _conf_dir() -> Path:
+    """The Hydra config folder: ``qwha/conf`` inside an installed wheel, else the repository's ``conf/``
+    (a checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return packaged if (packaged / "config.yaml").is_file() else here.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 STAGES = ("quantize", "init", "finetune", "eval", "export", "all")
 BITS = (2, 3, 4, 8)
 GROUPS = ("model", "quant", "adapter", "init", "data", "train", "eval", "experiment", "method", "budget")
@@ -542,6 +551,13 @@ def _validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in ("auto", "packaged", "hub"):
             raise ConfigError(f"{key}={value!r} is unknown: allowed values are auto, packaged, hub")
+    solver = OmegaConf.select(cfg, "quant.magr_solver", default="ista")
+    if solver not in ("ista", "fista"):
+        raise ConfigError(f"quant.magr_solver={solver!r} is unknown: allowed values are ista, fista")
+    if cfg.data.format == "jsonl":  # custom data: the file and its fields, read once, no model loaded
+        from qwha.data.jsonl import check
+
+        check(cfg.data)
 
 
 def _validate_baselines(cfg: DictConfig) -> None:

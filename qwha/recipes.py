@@ -183,7 +183,9 @@ def resolve_lr(root: DictConfig) -> tuple[float, str]:
         allowed = ", ".join(LR_COLUMN)
         raise _error(f"adapter.method={family!r} has no learning-rate rule: allowed values are {allowed}")
     column = LR_COLUMN[family]
-    data, bits, model = str(root.data.name), int(root.bits), str(root.model.name)
+    # data=jsonl (custom data) borrows a published data set's row: data.lr_like (conf/data/jsonl.yaml)
+    data = str(OmegaConf.select(root, "data.lr_like", default=None) or root.data.name)
+    bits, model = int(root.bits), str(root.model.name)
     table = OmegaConf.select(root, f"model.lr.{column}.{data}")
     if table is None:
         raise _error(

@@ -1,4 +1,4 @@
-"""The stage-cache contract (DESIGN.md): keys, atomic publication, checksums, reuse across stages."""
+"""The stage-cache contract (docs/design.md): keys, atomic publication, checksums, reuse across stages."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def test_cloq_is_truncated_svd_of_calibrated_error(rank):
     g = x @ x.T
     lam = 1e-4 * np.mean(np.diag(g))
     evals, evecs = np.linalg.eigh(g + lam * np.eye(14))
-    r = evecs * np.sqrt(evals)  # METHOD's R = U Σ^{1/2} (the code uses a Cholesky factor instead)
+    r = evecs * np.sqrt(evals)  # docs/method.md's R = U Σ^{1/2} (the code uses a Cholesky factor instead)
     u, s, vt = np.linalg.svd(d @ r)
     want = (u[:, :rank] * s[:rank]) @ vt[:rank] @ np.linalg.inv(r)
     out = initialize("cloq", t64(d), t64(g), rank=rank)

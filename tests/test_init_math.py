@@ -40,7 +40,7 @@ def problem(d_out=12, d_in=16, tokens=64, seed=0):
 
 
 def damped_root(g):
-    """METHOD's R = U Σ^{1/2} of the damped Gram (λ = 1e-4·mean diag, clamped eigenvalues)."""
+    """docs/method.md's R = U Σ^{1/2} of the damped Gram (λ = 1e-4·mean diag, clamped eigenvalues)."""
     lam = 1e-4 * np.mean(np.diag(g))
     evals, evecs = np.linalg.eigh(g + lam * np.eye(g.shape[0]))
     return evecs * np.sqrt(np.clip(evals, 0, None))

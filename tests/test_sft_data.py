@@ -41,7 +41,7 @@ def test_gsm8k_answer_rewrite_and_prompt():
         "The final answer is: 72"
     )
     assert gsm8k_target("x = 3\n####5") == "x = 3\nThe final answer is: 5"
-    # METHOD 5's evaluation prompt, written out by hand.
+    # docs/method.md §5's evaluation prompt, written out by hand.
     assert gsm8k_prompt("How many clips?") == (
         "How many clips?\n"
         "Answer the above question. First think step by step and then answer the final number.\n"

@@ -1,10 +1,10 @@
 """Supervised fine-tuning sets: records, prompt templates, tokenization with prompt masking, a collator.
 
-Formats (METHOD 4):
+Formats (docs/method.md §4):
 - ``gsm8k``: prompt = ``{question}\\nAnswer the above question. First think step by step and then answer
-  the final number.\\n`` (the evaluation prompt of METHOD 5, so the tuned model answers in the format the
-  evaluation parses); target = the worked solution with ``####`` replaced by ``The final answer is: ``.
-  The paper masks the prompt in the loss.
+  the final number.\\n`` (the evaluation prompt of docs/method.md §5, so the tuned model answers in the
+  format the evaluation parses); target = the worked solution with ``####`` replaced by
+  ``The final answer is: ``. The paper masks the prompt in the loss.
 - ``alpaca``: the standard Alpaca template, with or without an input block; the paper does not mask the
   prompt (the authors' code), ``mask_prompt=True`` turns masking on.
 
@@ -68,7 +68,7 @@ COQA_TURNS_PER_STORY = 4
 
 # --------------------------------------------------------------------------------------------- templates
 def gsm8k_prompt(question: str) -> str:
-    """The GSM8K prompt shared by training and evaluation (METHOD 5)."""
+    """The GSM8K prompt shared by training and evaluation (docs/method.md §5)."""
     return f"{question.strip()}\n{GSM8K_INSTRUCTION}\n"
 
 

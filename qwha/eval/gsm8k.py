@@ -1,4 +1,4 @@
-"""GSM8K test accuracy, zero-shot chain of thought, as in the paper (METHOD.md §5).
+"""GSM8K test accuracy, zero-shot chain of thought, as in the paper (docs/method.md §5).
 
 Prompt :data:`PROMPT_TEMPLATE` (raw text, no chat template, no few-shot examples); decoding either the
 paper's sampling (temperature 0.1, top-k 40, top-p 0.95, seed 42) or greedy; 256 new tokens; batched

@@ -1,4 +1,5 @@
-"""What a run reports while it trains: a local ``metrics.jsonl``, wandb (offline by default), a progress bar.
+"""What a run reports: while it trains, a local ``metrics.jsonl``, wandb (offline by default) and a
+progress bar; after each evaluation, the eval metrics to wandb (:func:`log_eval`).
 
 Only the main process (rank 0) creates any of them; the others get no-op objects.
 """
@@ -129,3 +130,49 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def flat_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Finite numbers of a nested results dict as ``{"a/b/c": value}`` (lists and strings left out)."""
+    out: dict[str, float] = {}
+    for k, v in results.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_metrics(v, key + "/"))
+        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+    return out
+
+
+def log_eval(
+    cfg: WandbConfig, run_name: str, results: dict[str, Any], out_dir: Path, target: str
+) -> dict[str, float]:
+    """Send one evaluation's metrics to wandb as its own run (``job_type="eval"``), grouped with the
+    fine-tuning run of the same name, so the project shows training curves and eval numbers together.
+
+    Logs ``eval/<metric>`` for every finite number in ``results`` (per-task scores included) and puts
+    them in the run summary. Files go under ``out_dir``. Returns what was logged (empty when the mode is
+    ``disabled``).
+    """
+    metrics = {f"eval/{k}": v for k, v in flat_metrics(results).items() if k not in ("seed", "rank", "bits")}
+    if cfg.mode == "disabled":
+        return {}
+    import wandb
+
+    run = wandb.init(
+        project=cfg.project,
+        name=f"{cfg.name or run_name}-eval-{target}",
+        group=cfg.name or run_name,
+        job_type="eval",
+        mode=cfg.mode,
+        dir=str(out_dir),
+        config={
+            k: results.get(k) for k in ("model", "target", "quant", "bits", "adapter", "init", "data", "seed")
+        },
+    )
+    run.log(metrics)
+    for k, v in metrics.items():
+        run.summary[k] = v
+    run.finish()
+    wandb.teardown()  # as in WandbRun.finish: the offline files are complete when this returns
+    return metrics

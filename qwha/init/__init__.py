@@ -1,4 +1,4 @@
-"""Quantization-aware adapter initialization (METHOD §2): AdaAlloc, selection, refinement, baselines.
+"""Quantization-aware adapter initialization (docs/method.md §2): AdaAlloc, selection, refinement, baselines.
 
 Public entry points: `initialize_layer` (QWHA's init of one layer), `initialize` (every init of
 the ablations, by name), `calibration_grams` (the `XXᵀ` of every adapted linear) and the metrics

@@ -1,4 +1,4 @@
-"""AdaAlloc: split a layer's parameter budget over its output channels (METHOD §2.2).
+"""AdaAlloc: split a layer's parameter budget over its output channels (docs/method.md §2.2).
 
 Channel `i` gets `p_i = ⌊p · a_i^t / Σ_j a_j^t⌋` with the importance `a_i = ‖(ΔW_Q X)_i‖` (paper,
 `alloc_weight="activation"`) or `a_i = ‖(ΔW_Q)_i‖` (authors' code, `alloc_weight="weight"`), then:
@@ -9,7 +9,7 @@ Channel `i` gets `p_i = ⌊p · a_i^t / Σ_j a_j^t⌋` with the importance `a_i 
 2. the remainder (`< n_uncapped`) goes one each to the channels with the smallest allocations
    (ties: lower channel index first);
 3. floor: every channel ends with at least `m = min(2, ⌊p / d_out⌋, d_in)` parameters (2 keeps
-   `F` full rank, METHOD), taken from the largest allocations by lowering them to a common level.
+   `F` full rank, docs/method.md §2), taken from the largest allocations by lowering them to a common level.
 
 `Σ p_i = p` exactly and `0 ≤ p_i ≤ d_in`. All steps are vectorised over channels; the loops run
 over rounds of the cap/spread and over bisection steps, not over channels.
@@ -93,7 +93,7 @@ def adaalloc(importance: Tensor, budget: int, d_in: int, *, temperature: float =
         importance: `a [d_out]`, non-negative (e.g. from `channel_importance`).
         budget: total parameters `p`, `1 ≤ p ≤ d_out·d_in`.
         d_in: the cap per channel.
-        temperature: `t` in `a^t` (METHOD: 1; 0 gives a uniform split).
+        temperature: `t` in `a^t` (docs/method.md: 1; 0 gives a uniform split).
     """
     d_out = importance.shape[0]
     if not 1 <= budget <= d_out * d_in:

@@ -1,9 +1,9 @@
-"""Calibration Grams `XXᵀ` of the adapted linears, and METHOD §2's damping.
+"""Calibration Grams `XXᵀ` of the adapted linears, and docs/method.md §2's damping.
 
 Conventions: a linear computes `y = W x` with `W [d_out, d_in]`; stacking the calibration tokens as
 columns, `X [d_in, tokens]`; the Gram is `G = X Xᵀ = Σ_tokens x xᵀ` (a sum, not a mean) in float64.
 
-Damping (METHOD §2, as in the authors' code): `G_d = G + λ I` with `λ = 1e-4 · mean(diag G)`,
+Damping (docs/method.md §2, as in the authors' code): `G_d = G + λ I` with `λ = 1e-4 · mean(diag G)`,
 eigenvalues of `G_d` clamped at 0. A PSD `G` plus `λ I` is positive definite, so the clamp only acts
 when round-off made `G_d` indefinite; we therefore try a Cholesky factorisation first (cheap) and
 only fall back to the eigendecomposition + clamp when it fails. The result is the same matrix the
@@ -47,7 +47,7 @@ def damped_gram(xtx: Tensor, rel_damp: float = DEFAULT_REL_DAMP) -> tuple[Tensor
 
     Args:
         xtx: `G = X Xᵀ [d_in, d_in]`, any float dtype (symmetrised and promoted to float64).
-        rel_damp: relative damping (METHOD: 1e-4).
+        rel_damp: relative damping (docs/method.md: 1e-4).
 
     Returns:
         `(G_d [d_in, d_in] float64, λ)`.
@@ -73,7 +73,7 @@ def gram_factor(gd: Tensor) -> Tensor:
     """A factor `R [d_in, d_in]` with `R Rᵀ = G_d` (lower Cholesky; eigen route if that fails).
 
     `‖E R‖_F` does not depend on which such `R` is used (two factors differ by an orthogonal
-    matrix on the right), so this can stand in for METHOD's `U Σ^{1/2}`.
+    matrix on the right), so this can stand in for docs/method.md's `U Σ^{1/2}`.
     """
     chol, info = torch.linalg.cholesky_ex(gd)
     if int(info) == 0:

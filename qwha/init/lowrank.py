@@ -3,7 +3,7 @@
 - `lora_zero`: `B = 0`, `A` drawn like PEFT's default LoRA init (`kaiming_uniform_(a=√5)`, i.e.
   `U(−1/√d_in, 1/√d_in)`), seeded. The update is zero.
 - `cloq` (Deng et al., 2025, calibrated closed form): the best rank-`r` `BA` for the calibrated
-  objective `min ‖(ΔW_Q − BA) R‖_F`, `R Rᵀ = G_d` (METHOD's damping). With the SVD
+  objective `min ‖(ΔW_Q − BA) R‖_F`, `R Rᵀ = G_d` (docs/method.md's damping). With the SVD
   `ΔW_Q R = U S Vᵀ`, `BA = U_r S_r V_rᵀ R⁻¹`; the product does not depend on which factor `R` is
   used, so `R` is the Cholesky factor. Split: `B = U_r S_r^{1/2}`, `A = S_r^{1/2} V_rᵀ R⁻¹`.
 - `loftq` (Li et al., 2023, data-free): alternate `Q_t = quantize(W − B_{t−1}A_{t−1})` and

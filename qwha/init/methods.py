@@ -9,7 +9,7 @@ Low-rank methods (`lora_zero, cloq, loftq`) return `{"kind": "lowrank", "A": [r,
 "B": [d_out, r]}` (float64, `ΔW = B @ A`, unscaled), plus `"weight_q"` for LoftQ with more than one
 step (the new quantized base weight).
 
-The sparse pipeline (METHOD §2), float64 throughout, on the device of `delta_w`:
+The sparse pipeline (docs/method.md §2), float64 throughout, on the device of `delta_w`:
 
     D = ΔW_Q (2-D: T_outᵀ ΔW_Q);  G_d = damped XXᵀ;  coeffs = D T;  M = Tᵀ G_d T;  Y = coeffs M
     locations  <- method (AdaAlloc budgets + per-row top scores, global top, random, ...)
@@ -127,7 +127,7 @@ def initialize(
             `ssh_w0`, which ranks the transformed pretrained weight).
         quantize_fn: `W ↦ dequantized W_Q` (LoftQ with >1 step).
         ssh_source: what SSH-style ranks: "quant_error" (`ΔW_Q T`) or "weight" (`W T`).
-        rel_damp: relative damping of the Gram (METHOD: 1e-4).
+        rel_damp: relative damping of the Gram (docs/method.md: 1e-4).
 
     Returns:
         `{"kind": "sparse", "indices", "values"}` or `{"kind": "lowrank", "A", "B"[, "weight_q"]}`.

@@ -1,4 +1,4 @@
-"""Value refinement: least squares on a fixed support, batched over rows (METHOD §2.4).
+"""Value refinement: least squares on a fixed support, batched over rows (docs/method.md §2.4).
 
 For row `i` with support `S_i` the refinement solves `min_c ‖v − c B'‖` with `v = D_i R`,
 `B = Tᵀ R` (`R Rᵀ = G_d`) and `B'` the rows of `B` in `S_i`. Its normal equations are

@@ -1,4 +1,4 @@
-"""Where the sparse coefficients go: location selection for every sparse init (METHOD §2.3).
+"""Where the sparse coefficients go: location selection for every sparse init (docs/method.md §2.3).
 
 Notation: `D [d_out, d_in]` is the target (`ΔW_Q`, or `T_outᵀ ΔW_Q` for the 2-D ablation),
 `T` the input transform, `G_d` the damped Gram. The dense (unconstrained, unweighted) solution is

@@ -1,4 +1,4 @@
-"""Stage `eval`: CSQA (lm-eval, 0-shot), GSM8K zero-shot CoT and held-out perplexity; METHOD §5.
+"""Stage `eval`: CSQA (lm-eval, 0-shot), GSM8K zero-shot CoT and held-out perplexity; docs/method.md §5.
 
 Evaluates the artifact named by ``eval.target`` (quantized model, initialized or fine-tuned adapter) in
 memory, adapter unmerged. Which suites run follows the fine-tuning data as in the paper (Alpaca ->
@@ -42,7 +42,7 @@ def key_config(cfg: DictConfig) -> dict:
     # are keyed, as is the resolved held-out text (the model's own when eval.source=auto). results.json
     # records the seed and the model's and method's names, which the tables read: keyed too.
     heldout = bool(OmegaConf.select(cfg, "eval.train_heldout.enabled", default=False))
-    return {
+    key = {
         "eval": cfg.eval,
         "data_format": cfg.data.format,
         "data_source": data_source(str(cfg.data.source), cfg),
@@ -54,6 +54,11 @@ def key_config(cfg: DictConfig) -> dict:
         # the held-out records depend on the training records (data config, seed), also for untuned targets
         "train_heldout_data": {"data": cfg.data, "seed": cfg.seed} if heldout else None,
     }
+    if cfg.data.format == "jsonl":  # the validation split is scored: key the data and its file
+        from qwha.data.jsonl import fingerprint
+
+        key.update(data=cfg.data, data_sha256=fingerprint(cfg.data))
+    return key
 
 
 def _enabled(value, fmt: str, wanted: str) -> bool:
@@ -228,8 +233,20 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
             ({"id": i, "nll": v, "tokens": int(t)} for i, (v, t) in enumerate(zip(nll, tokens, strict=True))),
         )
         summary["train_heldout_ppl"] = results["train_heldout"]["ppl"]
+    if cfg.data.format == "jsonl":  # custom data: the response loss on its validation split
+        from qwha.data.jsonl import response_nll, tokenized
+
+        val = response_nll(model, tok, tokenized(cfg.data, tok, seed=int(cfg.seed), split="validation"))
+        results["validation"] = val
+        summary["val_response_ppl"] = val["ppl"]
     results["summary"] = summary
     results["records"] = files
     (out / RESULTS).write_text(json.dumps(results, indent=2, default=str))
+    from qwha.finetune.config import WandbConfig
+    from qwha.finetune.tracking import log_eval
+
+    w = cfg.train.wandb  # the same project and mode as training; eval runs are grouped with it
+    run_name = f"{cfg.model.name}-{cfg.adapter.method}-{cfg.init.method}-b{cfg.bits}"
+    log_eval(WandbConfig(str(w.project), w.name, str(w.mode)), run_name, results, out, str(e.target))
     log.info("eval summary: %s", summary)
     return {"summary": summary}

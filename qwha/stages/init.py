@@ -1,4 +1,4 @@
-"""Stage `init`: quantization-aware adapter initialization (METHOD §2) and its layer-error report.
+"""Stage `init`: quantization-aware adapter initialization (docs/method.md §2) and its layer-error report.
 
 1. Calibration Grams ``XXᵀ`` of every adapted linear from the FULL-PRECISION model over the shared
    calibration sample (float64 accumulation, shared inputs computed once, in passes bounded by

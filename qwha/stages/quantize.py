@@ -1,4 +1,4 @@
-"""Stage `quantize`: MagR + GPTQ (GPTQModel), GPTQ, RTN or none; METHOD §3.
+"""Stage `quantize`: MagR + GPTQ (GPTQModel), GPTQ, RTN or none; docs/method.md §3.
 
 Writes the quantized model in GPTQModel's format to ``model/`` (with the tokenizer), and reports per-layer
 ``‖ΔW_Q‖_F`` and ``‖ΔW_Q X‖_F`` on the calibration sample, held-out perplexity, wall time and peak memory.
@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from qwha.artifacts import MODEL_DIR, QUANT_INFO, load_calibration
 from qwha.cache import machine_info, machine_label
@@ -27,9 +27,17 @@ def upstream(cfg: DictConfig) -> list[str]:
 def key_config(cfg: DictConfig) -> dict:
     # The model is quantized in model.dtype, and the artifact reports held-out perplexity (always computed
     # here): the perplexity settings and the resolved held-out text are part of the key.
+    quant = OmegaConf.to_container(cfg.quant, resolve=True)
+    # `magr_solver` came later: the paper's `ista` is left out of the key, as are the coordinate-descent
+    # settings when no sweep runs, so that they name the same models as before those keys existed.
+    if quant.get("magr_solver", "ista") == "ista":
+        quant.pop("magr_solver", None)
+    if quant.get("cd_iters", 0) == 0:
+        quant.pop("cd_iters", None)
+        quant.pop("cd_damp", None)
     p = cfg.eval.perplexity
     return {
-        "quant": cfg.quant,
+        "quant": quant,
         "dtype": cfg.model.dtype,
         "heldout": {
             "text": heldout_text_source(cfg),
@@ -58,21 +66,25 @@ def run(cfg: DictConfig, out: Path, inputs: dict) -> dict:
     # The rounding depends on the kernel set and thread count (experiments/results/quantize.md).
     where = machine_label(machine_info())
     log.info("quantize: %s, %d-bit, group %d on %s (%s)", q.method, q.bits, q.group_size, dev, where)
-    metrics = quantize_model(
-        src,
-        out / MODEL_DIR,
-        calib,
-        method=str(q.method),
-        bits=int(q.bits),
-        group_size=int(q.group_size),
-        damp=float(q.damp),
-        magr_alpha=float(q.magr_alpha),
-        magr_iters=int(q.magr_iters),
-        cd_iters=cd_sweeps(q.get("cd_iters", 0), int(q.bits)),
-        cd_damp=float(q.get("cd_damp", 0.75)),
-        device=str(dev),
-        dtype=torch_dtype(str(cfg.model.dtype), dev),
-    )
+    from qwha.quant.magr import magr_solver
+
+    with magr_solver(str(OmegaConf.select(q, "magr_solver", default="ista"))):
+        metrics = quantize_model(
+            src,
+            out / MODEL_DIR,
+            calib,
+            method=str(q.method),
+            bits=int(q.bits),
+            group_size=int(q.group_size),
+            damp=float(q.damp),
+            magr_alpha=float(q.magr_alpha),
+            magr_iters=int(q.magr_iters),
+            cd_iters=cd_sweeps(q.get("cd_iters", 0), int(q.bits)),
+            cd_damp=float(q.get("cd_damp", 0.75)),
+            device=str(dev),
+            dtype=torch_dtype(str(cfg.model.dtype), dev),
+        )
+    metrics["magr_solver"] = str(OmegaConf.select(q, "magr_solver", default="ista"))
     tok = load_tokenizer(str(src))
     if q.method != "none":
         tok.save_pretrained(out / MODEL_DIR)
