@@ -234,10 +234,20 @@ VALUE_CHECKS: dict[str, object] = {
     "init.gram_budget_gb": _Num(0, lo_open=True),
     "init.batch_size": _POS,
     "init.loftq_iters": _POS,
-    "data.name": _Choice("gsm8k", "alpaca"),  # also the row of the model's learning-rate table
-    "data.format": _Choice("gsm8k", "alpaca"),
-    "data.packaged_size": _POS,
+    "data.name": _Choice("gsm8k", "alpaca", "jsonl"),  # gsm8k/alpaca: a row of the model's lr table
+    "data.format": _Choice("gsm8k", "alpaca", "jsonl"),
+    "data.lr_like": _Choice("gsm8k", "alpaca"),  # data=jsonl: the lr-table row a custom set uses
+    "data.packaged_size": _POS_OR_NULL,
     "data.mask_prompt": _Bool(),
+    "export.bits": _Choice(*BITS),
+    "export.group_size": _POS,
+    "export.calib_windows": _POS_OR_NULL,
+    "export.measure.perplexity": _Bool(),
+    "export.measure.gsm8k_answer_nll": _Bool(),
+    "first_run.compare": _Bool(),
+    "first_run.magr_iters": _Int(0),
+    "model.first_run.compare": _Bool(),
+    "model.first_run.magr_iters": _Int(0),
     "data.max_length": _Int(2),
     "data.epochs": _Num(0, lo_open=True),
     "data.weight_decay": _Num(0),

@@ -246,7 +246,8 @@ def test_every_numeric_key_is_checked(tmp_path: Path):
     own = {"bits", "rank", "group_size"}
     unchecked = {k for k in seen if k not in VALUE_CHECKS and k not in own and not k.startswith("model.lr.")}
     # null strings: a free-form run name, and the package of a GGUF file (hub models have none)
-    assert unchecked == {"train.wandb.name", "model.gguf_package"}
+    # first_run: the budget's copy of model.first_run (its leaves are checked under both names)
+    assert unchecked == {"train.wandb.name", "model.gguf_package", "first_run"}
 
 
 CLI_CASES = [

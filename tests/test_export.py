@@ -183,7 +183,7 @@ def _inputs(tiny, tmp_path, adapter_model, stage: str = "finetune", calib: bool 
 
     base = tmp_path / "base"
     base.mkdir()
-    (base / "base_model.json").write_text(json.dumps({"id": str(tiny / "fp"), "source": "hub"}))
+    (base / "base_model.json").write_text(json.dumps({"id": str(tiny / "fp"), "source": "local"}))
     quant = tmp_path / "quantize"
     quant.mkdir()
     (quant / "model").symlink_to(tiny / "q")
@@ -203,7 +203,8 @@ def _cfg(*overrides: str):
     return compose(
         "stage=export",
         "model=hf",
-        f"model.id={HUB_ID}",
+        f"model.id={HUB_ID}",  # a hub id never fetched here: the widths-based defaults are given explicitly
+        "rank=4",
         "quant=rtn",
         f"bits={BITS}",
         f"group_size={GROUP}",

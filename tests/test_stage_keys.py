@@ -30,6 +30,18 @@ HELDOUT = {
     "eval.perplexity.max_tokens",
 }
 EXPECTED = {
+    # The exported folder: its format, source artifact and the base model's hub id (in the model card),
+    # and the measurements it reports (held-out perplexity by default).
+    "export": {
+        "export.format",
+        "export.source",
+        "export.dtype",
+        "export.measure.perplexity",
+        "export.measure.gsm8k_answer_nll",
+        "model.id",
+        "eval.perplexity.enabled",
+        *HELDOUT,
+    },
     "base": {"model.id", "model.source", "model.gguf_package"},
     "calib": {
         "calib.source",
@@ -51,6 +63,10 @@ EXPECTED = {
         "quant.magr_alpha",
         "quant.magr_iters",
         "quant.cd_iters",  # (quant.cd_damp only matters with sweeps: off by default, so not keyed then)
+        "quant.magr_solver",  # the embedded first run's FISTA (the paper's ista is left out of the key)
+        "first_run",  # the embedded default's first-run settings, which set quant.magr_solver/magr_iters
+        "model.first_run.magr_solver",
+        "model.first_run.magr_iters",
         "bits",
         "group_size",
         "model.dtype",
@@ -241,7 +257,7 @@ def test_out_of_memory_retry_resumes_the_same_finetune_run():
 @pytest.mark.parametrize(
     ("stage", "override"),
     [
-        ("quantize", "eval.perplexity.max_tokens=4096"),  # the reported held-out perplexity changes
+        ("quantize", "eval.perplexity.max_tokens=6144"),  # the reported held-out perplexity changes
         ("quantize", "eval.perplexity.stride=512"),
         ("quantize", "model.dtype=bfloat16"),
         ("quantize", "eval.source=hub"),  # WikiText-2 instead of the packaged text

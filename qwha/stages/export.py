@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from qwha.artifacts import MODEL_DIR, load_calibration
 from qwha.config import ConfigError
 from qwha.load import EXPORT_INFO, load_exported
-from qwha.stages.common import data_source, device, heldout_perplexity, load_model_for
+from qwha.stages.common import data_source, device, heldout_perplexity, heldout_text_source, load_model_for
 
 log = logging.getLogger("qwha.stages.export")
 
@@ -96,8 +96,9 @@ def key_config(cfg: DictConfig) -> dict:
         q = cfg.quant
         out.update(quant=e.quant, bits=e.bits, group_size=e.group_size, calib_windows=e.calib_windows)
         out.update(damp=q.damp, magr_alpha=q.magr_alpha, magr_iters=q.magr_iters)
-    if e.measure.perplexity:
+    if e.measure.perplexity:  # the settings and the resolved held-out text it is measured on
         out["perplexity"] = cfg.eval.perplexity
+        out["heldout_text"] = heldout_text_source(cfg)
     if e.measure.gsm8k_answer_nll:
         out["gsm8k"] = {"limit": cfg.eval.gsm8k.limit, "source": data_source(str(cfg.eval.source), cfg)}
     return out
