@@ -26,6 +26,12 @@ Computation (``compute``), all exact:
   provisional); ``"sparse"`` also whenever fusing is impossible (dropout, or a base without a dense
   weight) and ``dims=1``, else ``"delta"``. Measurements: ``experiments/bench_adapter.py`` and
   ``experiments/results/adapter.md``.
+
+Inference: when no gradient is wanted (``torch.no_grad()``, or nothing requires grad), dropout is
+inactive and the base exposes its dense weight, every ``compute`` gives way to the materialised
+``W_eff = W_Q + ΔW``, built once in the input's dtype and reused while ``c`` and ``E`` are unchanged
+(dropped by ``train()`` and rebuilt when they change): a perplexity pass or generation then costs what
+the base model alone costs (``experiments/bench_eval.py``).
 """
 
 from __future__ import annotations
@@ -267,6 +273,7 @@ class WHALinear(nn.Module):
         self.register_buffer("wha_indices", default_indices(budget, d_out, d_in).to(torch.int32).to(device))
         self._structure_key: tuple | None = None
         self._structure: dict[str, torch.Tensor] = {}
+        self.__dict__["_weight_cache"] = None  # (key, W_Q + ΔW) for no-grad calls, see forward
 
     # ---- the API the init stage uses -----------------------------------------------------------
 
@@ -393,9 +400,9 @@ class WHALinear(nn.Module):
         )
 
     def resolved_compute(self, needs_grad: bool = True) -> str:
-        """The computation ``forward`` uses; ``"auto"`` follows :data:`AUTO_COMPUTE` by device when
-        gradients are needed, and the per-token-cheap paths when not (no ``d_out × d_in`` work per
-        call in generation: activation side, or a cached ``ΔW`` for ``dims=2``)."""
+        """The computation ``forward`` uses unless it :meth:`materialises` the weight; ``"auto"``
+        follows :data:`AUTO_COMPUTE` by device when gradients are needed, and the per-token-cheap paths
+        when not (no ``d_out × d_in`` work per call: activation side, or a cached ``ΔW`` for ``dims=2``)."""
         if self.compute != "auto":
             return self.compute
         if not needs_grad:
@@ -417,8 +424,36 @@ class WHALinear(nn.Module):
             self.__dict__["_delta_cache"] = cached
         return cached[1]
 
+    def _materialised_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``W_Q + ΔW`` ``[d_out, d_in]`` in ``dtype``, built once and kept while ``c``, ``E`` and the
+        mode are unchanged (no-grad calls only; :meth:`train` drops it)."""
+        c, idx = self.wha_c, self.wha_indices
+        key = (c.data_ptr(), c._version, idx.data_ptr(), idx._version, dtype, c.device)
+        cached = self.__dict__.get("_weight_cache")
+        if cached is None or cached[0] != key:
+            self.__dict__["_weight_cache"] = None  # free the old one before building the new one
+            cached = (key, self._effective_weight(c.detach(), dtype))
+            self.__dict__["_weight_cache"] = cached
+        return cached[1]
+
+    def materialises(self, needs_grad: bool) -> bool:
+        """Whether ``forward`` uses the materialised ``W_Q + ΔW`` (no gradient wanted, no active
+        dropout, a base exposing its dense weight): one dense product per call, the base model's cost."""
+        dropout_off = isinstance(self.dropout, nn.Identity) or not self.training
+        return not needs_grad and dropout_off and has_dense_weight(self.base_layer)
+
+    def train(self, mode: bool = True) -> WHALinear:
+        if mode:  # training resumes: the values will change, drop the materialised weights
+            self.__dict__["_weight_cache"] = None
+            self.__dict__["_delta_cache"] = None
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (self.wha_c.requires_grad or x.requires_grad)
+        if self.materialises(needs_grad):
+            bias = base_bias(self.base_layer)
+            w = self._materialised_weight(x.dtype)
+            return F.linear(x, w, None if bias is None else bias.to(x.dtype))
         mode = self.resolved_compute(needs_grad)
         if mode == "fused":
             return _FusedWeightSide.apply(x, self.wha_c, self)
