@@ -160,7 +160,7 @@ def interleaved(args) -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
         return
     times: dict[str, list[float]] = {"lora": [], "wha": []}
-    for name, (m, opt, _) in models.items():  # warm-up
+    for m, opt, _ in models.values():  # warm-up
         _step_fn(m, opt, batch)
     for rep in range(args.reps):
         order = ("lora", "wha") if rep % 2 == 0 else ("wha", "lora")
@@ -253,7 +253,9 @@ def main() -> None:
     )
     ap.add_argument("--reps", type=int, default=5, help="--interleave: timed repetitions")
     ap.add_argument("--compute", default="auto", help="--interleave: WHA compute (auto/fused/delta/sparse)")
-    ap.add_argument("--quantized", help="--interleave: a GPTQ checkpoint (default: build a 2-bit SmolLM2 once)")
+    ap.add_argument(
+        "--quantized", help="--interleave: a GPTQ checkpoint (default: build a 2-bit SmolLM2 once)"
+    )
     ap.add_argument("--profile", type=int, default=0, help="--interleave: print the top N ops of one step")
     args = ap.parse_args()
     if args.padding:

@@ -73,7 +73,6 @@ if _HAVE_TRITON:
             x = tl.reshape(tl.join(a + b, a - b), (ROWS, P))
         tl.store(y_ptr + offs, (x * scale).to(y_ptr.dtype.element_ty), mask=mask)
 
-
     @triton.jit
     def _fwht_fused_kernel(
         x_ptr,
@@ -158,7 +157,9 @@ def fused_transform(
         raise RuntimeError("triton is not installed")
     m = factor.shape[0]
     if x.ndim != 2 or not x.is_contiguous() or x.shape[1] != m * p or factor.shape != (m, m):
-        raise ValueError(f"fused_transform() needs a contiguous [rows, {m}·{p}] tensor and a [{m}, {m}] factor")
+        raise ValueError(
+            f"fused_transform() needs a contiguous [rows, {m}·{p}] tensor and a [{m}, {m}] factor"
+        )
     if not supports(p):
         raise ValueError(f"row length {p} is not a power of two in [2, 2^{MAX_LOG_P}]")
     n_rows = x.shape[0]
@@ -187,4 +188,12 @@ def fused_transform(
     return y
 
 
-__all__ = ["FUSED_TILE", "MAX_LOG_P", "available", "butterflies", "fused_transform", "interpreted", "supports"]
+__all__ = [
+    "FUSED_TILE",
+    "MAX_LOG_P",
+    "available",
+    "butterflies",
+    "fused_transform",
+    "interpreted",
+    "supports",
+]
