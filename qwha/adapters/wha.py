@@ -153,36 +153,75 @@ def _csr_tensor(
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
+# A sampled product on CPU costs about this many dense-GEMM multiply-adds per sampled multiply-add
+# (torch's CSR ``sampled_addmm`` against its GEMM, one thread, SmolLM2 shapes; measured, see
+# experiments/results/finetune.md): ∂L/∂c is taken from the dense ∂L/∂ΔW when that is cheaper.
+SAMPLED_COST = 5.0
+
+# The transformed input of the last backward, shared by the layers that read the same input
+# (q/k/v, gate/up): (key, x kept alive so that its address cannot be reused, x·T column-major).
+_SHARED_XT: dict[str, Any] = {}
+
+
+def _transformed_input(x2: torch.Tensor, transform: str) -> torch.Tensor:
+    """``x2·T`` ``[N, d_in]`` (float32/64, column-major for the sampled product), computed once for
+    every layer whose backward sees the same saved input tensor."""
+    key = (
+        x2.untyped_storage().data_ptr(),
+        x2.storage_offset(),
+        x2.shape,
+        x2.stride(),
+        x2._version,
+        transform,
+    )
+    if _SHARED_XT.get("key") != key:
+        _SHARED_XT.clear()  # drop the previous input first: peak memory holds one shared transform
+        cdtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
+        xt = apply_transform(x2.to(cdtype), transform, dim=1)
+        _SHARED_XT.update(key=key, x=x2, xt=xt.T.contiguous().T)
+    return _SHARED_XT["xt"]
+
+
+def clear_shared_transform() -> None:
+    """Free the transformed input kept for the next layer's backward (end of a step)."""
+    _SHARED_XT.clear()
+
+
 class _FusedWeightSide(torch.autograd.Function):
-    """``y = x (W_Q + ΔW(c))ᵀ + b`` saving only ``x`` and ``c``; see ``WHALinear`` compute="fused"."""
+    """``y = x (W_Q + ΔW(c))ᵀ + b``: one product each way, like the quantized base alone.
+
+    ``W_eff = W_Q + ΔW`` is saved for the backward (the quantized base layer saves its dequantized
+    weight the same way, so this holds what a LoRA step holds, less LoRA's activations). ``∂L/∂c`` is
+    ``s·(gᵀ·(x·T))`` at ``E``: a sampled product of ``g`` and the transformed input (shared by the
+    layers that read the same input) when the layer is sparse enough, else the transformed dense
+    ``gᵀx`` gathered at ``E`` (always on CUDA, where the dense product runs on tensor cores)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, c: torch.Tensor, layer: WHALinear) -> torch.Tensor:
         w = layer._effective_weight(c.detach(), x.dtype)
         bias = base_bias(layer.base_layer)
         y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
-        ctx.save_for_backward(x, c)
+        ctx.save_for_backward(x, c, w)
         ctx.layer = layer
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, c = ctx.saved_tensors
+        x, c, w = ctx.saved_tensors
         layer: WHALinear = ctx.layer
         grad_x = grad_c = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ layer._effective_weight(c.detach(), grad_y.dtype)
+            grad_x = grad_y @ w.to(grad_y.dtype)
         if ctx.needs_input_grad[1]:
             g2 = grad_y.reshape(-1, layer.out_features)
-            x2 = x.reshape(-1, layer.in_features).to(g2.dtype)
-            n_tok, d_out, d_in = g2.shape[0], layer.out_features, layer.in_features
-            if n_tok * (d_in + (d_out if layer.dims == 2 else 0)) < d_out * d_in:
-                # Fewer tokens than rows: transform the activations, ∂L/∂F = s·(g·T_out)ᵀ(x·T_in) at E.
-                xt = apply_transform(x2, layer.transform, dim=1)
-                gt = apply_transform(g2, layer.transform, dim=1) if layer.dims == 2 else g2
-                grad_c = (layer._sampled_product(gt, xt) * layer.scale).to(c.dtype)
+            x2 = x.reshape(-1, layer.in_features)
+            d_out, d_in = layer.out_features, layer.in_features
+            sampled = layer.dims == 1 and not g2.is_cuda and SAMPLED_COST * layer.budget < d_out * d_in
+            if sampled:
+                xt = _transformed_input(x2, layer.transform)
+                grad_c = (layer._sampled_product(g2.to(xt.dtype), xt) * layer.scale).to(c.dtype)
             else:  # transform ∂L/∂ΔW = gᵀx, [d_out, d_in]
-                grad_c = layer._grad_values(g2.T @ x2).to(c.dtype)
+                grad_c = layer._grad_values(g2.T @ x2.to(g2.dtype)).to(c.dtype)
         return grad_x, grad_c, None
 
 
