@@ -69,7 +69,9 @@ def main() -> int:
             args.shapes = ["16x3072", "16x576"]
         args.reps = 1
     timer = cuda_ms if cuda else cpu_ms
-    name = torch.cuda.get_device_name() if cuda else f"CPU rehearsal ({platform.machine()}, Triton interpreted)"
+    name = (
+        torch.cuda.get_device_name() if cuda else f"CPU rehearsal ({platform.machine()}, Triton interpreted)"
+    )
     print(f"device {name}, torch {torch.__version__}, {platform.node()}")
     cols = ["shape", "dtype", "m·2^k", "copy ms", "copy GB/s", "triton ms", "triton GB/s", "triton/copy"]
     print("| " + " | ".join([*cols, "torch ms", "torch/copy"]) + " |")
