@@ -132,7 +132,7 @@ def main() -> int:
         log = [
             f"# gpu-check: {mode}",
             "",
-            f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}; {platform.node()}; Python "
+            f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}; {platform.node()}; Python "
             f"{platform.python_version()}; torch {torch_version}; {installed}",
         ]
         if device:
