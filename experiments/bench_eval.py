@@ -110,8 +110,8 @@ def main() -> None:
         r_gen = statistics.median(a / b for a, b in zip(t["gen"], base["gen"], strict=True))
         diff = f"{agree[name]:.1e}" if name in agree else "-"
         print(
-            f"| {name} | {statistics.median(t['ppl']):.3f} | {r_ppl:.3f} | {statistics.median(t['gen']):.3f} | "
-            f"{r_gen:.3f} | {diff} |"
+            f"| {name} | {statistics.median(t['ppl']):.3f} | {r_ppl:.3f} | "
+            f"{statistics.median(t['gen']):.3f} | {r_gen:.3f} | {diff} |"
         )
 
 
