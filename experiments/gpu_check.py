@@ -20,7 +20,7 @@ own torch, transformers, triton and peft stay):
 Without CUDA every step runs in a rehearsal mode (Triton interpreted, CPU, tiny sizes, the pipeline on
 a 2-block model of width 64) so that the script itself is tested where CI runs; the report says which
 mode produced it. The report is printed and written to ``$OUT/gpu_check.md`` (``$OUT`` set by the
-device tool) or ``gpu_check.md`` in the current folder.
+device tool) or ``.cache/gpu_check.md`` (ignored).
 """
 
 from __future__ import annotations
@@ -206,8 +206,10 @@ def main() -> int:
             + f"; total {total:.0f} s"
         )
         print(log[-1], flush=True)
-    out_dir = Path(os.environ.get("OUT") or ".")
+    out_dir = Path(os.environ.get("OUT") or ROOT / ".cache")
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_check.md").write_text("\n".join(log) + "\n")
+    print(f"gpu-check: report written to {out_dir / 'gpu_check.md'}")
     return 0 if all(ok.values()) else 1
 
 
