@@ -16,13 +16,15 @@ Scale ``s`` (``scale_norm``): ``"paper"`` α / d_in (the paper's text), ``"refer
 
 Computation (``compute``), all exact:
 
-* ``"fused"`` (weight side): ``y = x · (W_Q + ΔW)ᵀ + b``, one dense product. The backward recomputes
-  ``W_Q + ΔW`` instead of saving it and gets ``∂L/∂c`` by transforming ``∂L/∂ΔW = gᵀx`` and gathering
-  at ``E`` — so nothing of size ``d_out × d_in`` stays alive between forward and backward.
+* ``"fused"`` (weight side): ``y = x · (W_Q + ΔW)ᵀ + b``, one dense product each way, like the base
+  alone. ``W_Q + ΔW`` is saved for the backward (the quantized base saves its dequantized weight the
+  same way for LoRA). ``∂L/∂c = s·(gᵀ(x·T))`` at ``E``: on CPU a sampled product when the layer is sparse
+  enough (:data:`SAMPLED_COST`), with ``x·T`` computed once for the layers that read the same input
+  (q/k/v, gate/up); else the transformed ``∂L/∂ΔW = gᵀx`` gathered at ``E``.
 * ``"delta"`` (weight side, split): ``y = base(x) + dropout(x) · ΔWᵀ``: any base layer, dropout.
 * ``"sparse"`` (activation side, ``dims=1``): ``y = base(x) + s · (dropout(x) · T) · Fᵀ`` with a CSR
   product; ``∂L/∂c`` is a sampled product of ``g`` and ``x·T`` at ``E``.
-* ``"auto"``: per device, :data:`AUTO_COMPUTE` (CPU: ``"sparse"``, measured; CUDA: ``"fused"``,
+* ``"auto"``: per device, :data:`AUTO_COMPUTE` (CPU: ``"fused"``, measured; CUDA: ``"fused"``,
   provisional); ``"sparse"`` also whenever fusing is impossible (dropout, or a base without a dense
   weight) and ``dims=1``, else ``"delta"``. Measurements: ``experiments/bench_adapter.py`` and
   ``experiments/results/adapter.md``.
@@ -58,10 +60,11 @@ from qwha.transforms import apply_transform, check_transform
 
 SCALE_NORMS = ("paper", "reference", "none")
 COMPUTES = ("auto", "fused", "delta", "sparse")
-# What compute="auto" prefers per device type (dims=1; dims=2 is always weight side). CPU: measured by
-# experiments/bench_adapter.py (activation side fastest, experiments/results/adapter.md). CUDA:
-# provisional until the same script runs on the GPU machine.
-AUTO_COMPUTE = {"cpu": "sparse", "cuda": "fused"}
+# What compute="auto" prefers per device type (dims=1; dims=2 is always weight side). CPU: measured on
+# whole 2-bit SmolLM2 training steps, interleaved with LoRA (experiments/bench_finetune.py --interleave,
+# experiments/results/finetune.md): fused 1.28x LoRA's step, the activation side 1.67x. CUDA:
+# provisional until experiments/bench_adapter.py runs on the GPU machine (make gpu-check).
+AUTO_COMPUTE = {"cpu": "fused", "cuda": "fused"}
 
 __all__ = [
     "AUTO_COMPUTE",
