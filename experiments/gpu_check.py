@@ -118,8 +118,14 @@ def main() -> int:
         site = tmp / "site"
         installed = install_wheels(site)
         env = dict(os.environ)
-        paths = [str(site), str(WHEELS / "data")] if site.exists() else [str(WHEELS / "data")]
-        env["PYTHONPATH"] = os.pathsep.join([*paths, str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        # The tree first: its qwha finds conf/ beside it (the installed wheel's copy would not); the
+        # wheel is still installed, which checks that it installs.
+        paths = (
+            [str(ROOT), str(site), str(WHEELS / "data")]
+            if site.exists()
+            else [str(ROOT), str(WHEELS / "data")]
+        )
+        env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
         probe = "import torch, json; print(json.dumps([torch.cuda.is_available(), torch.__version__]))"
         cuda, torch_version = json.loads(
