@@ -15,7 +15,7 @@ PIP := $(PY) -m pip install -q
 # pip repeats a warning per package for some local index configurations; keep real errors only.
 PIPNOISE := { grep -v -E "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help install run test test-slow lint format tables table2 table3 table4 table5 table7 table13 table14 fig_rank \
+.PHONY: help install run test test-slow lint format device-wheels gpu-check tables table2 table3 table4 table5 table7 table13 table14 fig_rank \
         render archive decisive clean-cache clean
 
 help:  ## list the targets
@@ -58,6 +58,17 @@ lint: $(STAMP)  ## ruff check + format check
 format: $(STAMP)  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix qwha tests experiments
 	$(VENV)/bin/ruff format qwha tests experiments
+
+# The lent GPU machine (Python 3.12, its own torch/transformers/triton/peft, no registry) gets the
+# project and what it lacks as wheels in .whl/ (ignored; carried with the tree, 64 MiB in all).
+device-wheels: $(STAMP)  ## build .whl/ for the GPU machine (cp312 x86-64) and resolve it offline against its packages
+	$(PY) .ci/device_wheels.py
+
+# On the GPU machine: `make gpu-check` there (its python3; nothing installed outside a temp folder).
+# Without a GPU the same script rehearses every step on CPU with tiny sizes (CI runs that).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:  ## the device check (tests -m gpu, adapter + transform benches, pipeline on GPU); CPU: rehearsal
+	$(GPU_PY) experiments/gpu_check.py
 
 # Paper tables: sweep (cached runs are reused), then render beside the published numbers.
 TABLES := table2 table3 table4 table5 table13 table14

@@ -103,6 +103,95 @@ def one(args) -> dict:
     return {k: m[k] for k in ("trainable_params", "step_time_s", "tokens_per_s", "peak_mem_mb", "first_loss")}
 
 
+def _step_fn(model, opt, batch):
+    """One optimizer step (forward, backward, AdamW update) on a fixed batch; returns its seconds."""
+    t0 = time.perf_counter()
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def interleaved(args) -> None:
+    """LoRA vs WHA training steps on the whole 2-bit GPTQ SmolLM2, alternating in one process.
+
+    ``--compute fused,sparse`` adds one WHA model per computation to the rotation.
+
+    Both models are the same GPTQ checkpoint (GPTQModel ``TorchLinear`` layers, training mode: the
+    packed weight is dequantized in every forward, as in the fine-tune stage); LoRA is PEFT's
+    (``GPTQLoraLinear``), WHA this project's; rank ``--rank`` on the seven projections gives both the
+    same number of trainable values. Each repetition times one step of every model on the same batch of
+    ``--micro-batch`` × ``--max-length`` tokens, the order reversed every other repetition; the first
+    step of each is a warm-up. Reported: the median step of each and the median of the per-repetition
+    ratios to LoRA."""
+    import statistics
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from smollm2_2bit import build
+
+    from qwha.adapters import attach_adapter
+    from qwha.quant.pipeline import load_quantized
+
+    torch.set_num_threads(args.threads)
+    qdir = build(Path(args.quantized)) if args.quantized else build()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    computes = args.compute.split(",")
+    models = {}
+    for name in ["lora"] + [f"wha-{c}" for c in computes]:
+        m = load_quantized(qdir, weight_cache=False)
+        if name == "lora":
+            m = attach_adapter(m, method="lora", rank=args.rank, target_modules=targets)
+        else:
+            compute = name.split("-", 1)[1]
+            m = attach_adapter(m, method="wha", rank=args.rank, target_modules=targets, compute=compute)
+        m.train()
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5)
+        models[name] = (m, opt, sum(p.numel() for p in params))
+    g = torch.Generator().manual_seed(0)
+    vocab = models["lora"][0].config.vocab_size
+    batch = torch.randint(0, vocab, (args.micro_batch, args.max_length), generator=g)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, (m, opt, _) in models.items():
+            _step_fn(m, opt, batch)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                _step_fn(m, opt, batch)
+            print(f"\n## {name}: one step, top ops by self CPU time\n")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+        return
+    names = list(models)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for m, opt, _ in models.values():  # warm-up
+        _step_fn(m, opt, batch)
+    for rep in range(args.reps):
+        order = names if rep % 2 == 0 else names[::-1]
+        for name in order:
+            m, opt, _ = models[name]
+            times[name].append(_step_fn(m, opt, batch))
+        print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    load = os.getloadavg()[0]
+    print(
+        f"\n# 2-bit GPTQ SmolLM2-135M, {platform.machine()}, threads={args.threads}, load avg {load:.1f}; "
+        f"batch {args.micro_batch} x {args.max_length} tokens, rank {args.rank}, "
+        f"{args.reps} interleaved repetitions after one warm-up step each\n"
+    )
+    print("| adapter | trainable values | median step (s) | steps (s) | median of per-rep ratios to LoRA |")
+    print("|---|---:|---:|---|---:|")
+    for name in names:
+        steps = ", ".join(f"{t:.2f}" for t in times[name])
+        ratios = [t / lo for t, lo in zip(times[name], times["lora"], strict=True)]
+        print(
+            f"| {name} | {models[name][2]:,} | {med[name]:.2f} | {steps} | {statistics.median(ratios):.3f} "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) |"
+        )
+
+
 def padding_report(args) -> None:
     """Share of padding tokens in micro-batches cut from random order vs. sorted within each step."""
     import statistics
@@ -161,9 +250,27 @@ def main() -> None:
     )
     ap.add_argument("--data-cache", default=str(Path(tempfile.gettempdir()) / "qwha-bench-sft"))
     ap.add_argument("--padding", action="store_true", help="only report padding: random vs. sorted steps")
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="LoRA vs WHA steps on the 2-bit GPTQ SmolLM2, alternating in one process (see interleaved())",
+    )
+    ap.add_argument("--reps", type=int, default=5, help="--interleave: timed repetitions")
+    ap.add_argument(
+        "--compute",
+        default="auto",
+        help="--interleave: WHA compute(s), comma-separated (auto/fused/delta/sparse)",
+    )
+    ap.add_argument(
+        "--quantized", help="--interleave: a GPTQ checkpoint (default: build a 2-bit SmolLM2 once)"
+    )
+    ap.add_argument("--profile", type=int, default=0, help="--interleave: print the top N ops of one step")
     args = ap.parse_args()
     if args.padding:
         padding_report(args)
+        return
+    if args.interleave:
+        interleaved(args)
         return
     if args.adapter:  # child process: one adapter, JSON on the last line
         print(json.dumps(one(args)))

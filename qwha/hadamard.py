@@ -18,7 +18,8 @@ GF(27), 11008 = 344·32 needs GF(343)). The smallest such ``m`` is picked automa
 Fast transform: butterflies (additions and subtractions only) over the ``2^k`` factor, then one
 dense ``m × m`` product; ``O(n log n + n m)`` per vector. Half-precision inputs are transformed in
 float32 and rounded once at the end, so a bf16 result carries one bf16 rounding, not one per stage.
-On CUDA the butterflies run in a Triton kernel (:mod:`qwha.kernels.fwht`) when Triton is present.
+On CUDA the whole transform (dense factor and butterflies) runs in one Triton kernel
+(:mod:`qwha.kernels.fwht`) when Triton is present.
 """
 
 from __future__ import annotations
@@ -293,9 +294,12 @@ def _transform(x: torch.Tensor, dim: int, inverse: bool, backend: str = "auto") 
             raise RuntimeError(f"the Triton FWHT kernel cannot run here (device {rows.device}, length {p})")
     elif backend not in ("auto", "torch"):
         raise ValueError(f"backend={backend!r} is not one of auto, torch, triton")
+    if use_triton and m > 1:  # one kernel: the m × m factor and the butterflies, output dtype written once
+        factor = _dense_factor(m, not inverse, torch.float32, rows.device)
+        y = _kernels.fused_transform(rows.contiguous(), factor, p, 1.0 / math.sqrt(p), out_dtype)
+        return y.reshape(*batch_shape, n).movedim(-1, dim)
     if use_triton:
-        # The kernel loads any float dtype and computes in float32; with no dense step left it
-        # writes the output dtype directly (one rounding), else float32 for the m × m product.
+        # The kernel loads any float dtype, computes in float32 and writes the output dtype (one rounding).
         y = _kernels.butterflies(
             rows.contiguous().view(-1, p),
             scale=1.0 / math.sqrt(p),

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-for _k, _v in {"TRITON_INTERPRET": "1", "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1"}.items():
+for _k, _v in {"GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(_k, _v)
 
 from qwha.quant import quantize_model  # noqa: E402

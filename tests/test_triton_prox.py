@@ -1,22 +1,16 @@
 """The Triton ℓ∞-prox kernel (MagR on the GPU) against an independent float64 bisection and the torch
-path: on CPU under ``TRITON_INTERPRET=1`` (set before the kernel module is imported when there is no
-CUDA device), on the GPU natively."""
+path: on CPU under ``TRITON_INTERPRET=1`` (set by the package when the host has no CUDA device), on
+the GPU compiled."""
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from qwha.kernels import prox as kernels  # noqa: E402
-from qwha.kernels.fwht import interpreted  # noqa: E402
-from qwha.quant.magr import magr, prox_linf  # noqa: E402
-from tests.test_magr import prox_linf_bisection  # noqa: E402
+from qwha.kernels import prox as kernels
+from qwha.kernels.fwht import interpreted
+from qwha.quant.magr import magr, prox_linf
+from tests.test_magr import prox_linf_bisection
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(

@@ -317,7 +317,19 @@ class LoTALinear(nn.Module):
         d = s[..., None] * (step.view(self.out_features, -1, self.group_size) + mu[..., None])
         return d.view(self.out_features, self.in_features)
 
+    def train(self, mode: bool = True) -> LoTALinear:
+        if mode:  # training resumes: A and B will change, drop the materialised weight
+            self.__dict__["_weight_cache"] = None
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and (
+            self.lota_A.requires_grad or self.lota_B.requires_grad or x.requires_grad
+        )
+        if not needs_grad:  # inference: the materialised W_eff, one dense product (the base's cost)
+            w = self.effective_weight(_compute_dtype(x))
+            bias = base_bias(self.base_layer)
+            return F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
         return _LoTAWeightSide.apply(x, self.lota_A, self.lota_B, self)
 
     def extra_repr(self) -> str:

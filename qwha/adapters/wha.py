@@ -16,16 +16,24 @@ Scale ``s`` (``scale_norm``): ``"paper"`` α / d_in (the paper's text), ``"refer
 
 Computation (``compute``), all exact:
 
-* ``"fused"`` (weight side): ``y = x · (W_Q + ΔW)ᵀ + b``, one dense product. The backward recomputes
-  ``W_Q + ΔW`` instead of saving it and gets ``∂L/∂c`` by transforming ``∂L/∂ΔW = gᵀx`` and gathering
-  at ``E`` — so nothing of size ``d_out × d_in`` stays alive between forward and backward.
+* ``"fused"`` (weight side): ``y = x · (W_Q + ΔW)ᵀ + b``, one dense product each way, like the base
+  alone. ``W_Q + ΔW`` is saved for the backward (the quantized base saves its dequantized weight the
+  same way for LoRA). ``∂L/∂c = s·(gᵀ(x·T))`` at ``E``: on CPU a sampled product when the layer is sparse
+  enough (:data:`SAMPLED_COST`), with ``x·T`` computed once for the layers that read the same input
+  (q/k/v, gate/up); else the transformed ``∂L/∂ΔW = gᵀx`` gathered at ``E``.
 * ``"delta"`` (weight side, split): ``y = base(x) + dropout(x) · ΔWᵀ``: any base layer, dropout.
 * ``"sparse"`` (activation side, ``dims=1``): ``y = base(x) + s · (dropout(x) · T) · Fᵀ`` with a CSR
   product; ``∂L/∂c`` is a sampled product of ``g`` and ``x·T`` at ``E``.
-* ``"auto"``: per device, :data:`AUTO_COMPUTE` (CPU: ``"sparse"``, measured; CUDA: ``"fused"``,
+* ``"auto"``: per device, :data:`AUTO_COMPUTE` (CPU: ``"fused"``, measured; CUDA: ``"fused"``,
   provisional); ``"sparse"`` also whenever fusing is impossible (dropout, or a base without a dense
   weight) and ``dims=1``, else ``"delta"``. Measurements: ``experiments/bench_adapter.py`` and
   ``experiments/results/adapter.md``.
+
+Inference: when no gradient is wanted (``torch.no_grad()``, or nothing requires grad), dropout is
+inactive and the base exposes its dense weight, every ``compute`` gives way to the materialised
+``W_eff = W_Q + ΔW``, built once in the input's dtype and reused while ``c`` and ``E`` are unchanged
+(dropped by ``train()`` and rebuilt when they change): a perplexity pass or generation then costs what
+the base model alone costs (``experiments/bench_eval.py``).
 """
 
 from __future__ import annotations
@@ -52,10 +60,11 @@ from qwha.transforms import apply_transform, check_transform
 
 SCALE_NORMS = ("paper", "reference", "none")
 COMPUTES = ("auto", "fused", "delta", "sparse")
-# What compute="auto" prefers per device type (dims=1; dims=2 is always weight side). CPU: measured by
-# experiments/bench_adapter.py (activation side fastest, experiments/results/adapter.md). CUDA:
-# provisional until the same script runs on the GPU machine.
-AUTO_COMPUTE = {"cpu": "sparse", "cuda": "fused"}
+# What compute="auto" prefers per device type (dims=1; dims=2 is always weight side). CPU: measured on
+# whole 2-bit SmolLM2 training steps, interleaved with LoRA (experiments/bench_finetune.py --interleave,
+# experiments/results/finetune.md): fused 1.28x LoRA's step, the activation side 1.67x. CUDA:
+# provisional until experiments/bench_adapter.py runs on the GPU machine (make gpu-check).
+AUTO_COMPUTE = {"cpu": "fused", "cuda": "fused"}
 
 __all__ = [
     "AUTO_COMPUTE",
@@ -147,36 +156,75 @@ def _csr_tensor(
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
+# A sampled product on CPU costs about this many dense-GEMM multiply-adds per sampled multiply-add
+# (torch's CSR ``sampled_addmm`` against its GEMM, one thread, SmolLM2 shapes; measured, see
+# experiments/results/finetune.md): ∂L/∂c is taken from the dense ∂L/∂ΔW when that is cheaper.
+SAMPLED_COST = 5.0
+
+# The transformed input of the last backward, shared by the layers that read the same input
+# (q/k/v, gate/up): (key, x kept alive so that its address cannot be reused, x·T column-major).
+_SHARED_XT: dict[str, Any] = {}
+
+
+def _transformed_input(x2: torch.Tensor, transform: str) -> torch.Tensor:
+    """``x2·T`` ``[N, d_in]`` (float32/64, column-major for the sampled product), computed once for
+    every layer whose backward sees the same saved input tensor."""
+    key = (
+        x2.untyped_storage().data_ptr(),
+        x2.storage_offset(),
+        x2.shape,
+        x2.stride(),
+        x2._version,
+        transform,
+    )
+    if _SHARED_XT.get("key") != key:
+        _SHARED_XT.clear()  # drop the previous input first: peak memory holds one shared transform
+        cdtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
+        xt = apply_transform(x2.to(cdtype), transform, dim=1)
+        _SHARED_XT.update(key=key, x=x2, xt=xt.T.contiguous().T)
+    return _SHARED_XT["xt"]
+
+
+def clear_shared_transform() -> None:
+    """Free the transformed input kept for the next layer's backward (end of a step)."""
+    _SHARED_XT.clear()
+
+
 class _FusedWeightSide(torch.autograd.Function):
-    """``y = x (W_Q + ΔW(c))ᵀ + b`` saving only ``x`` and ``c``; see ``WHALinear`` compute="fused"."""
+    """``y = x (W_Q + ΔW(c))ᵀ + b``: one product each way, like the quantized base alone.
+
+    ``W_eff = W_Q + ΔW`` is saved for the backward (the quantized base layer saves its dequantized
+    weight the same way, so this holds what a LoRA step holds, less LoRA's activations). ``∂L/∂c`` is
+    ``s·(gᵀ·(x·T))`` at ``E``: a sampled product of ``g`` and the transformed input (shared by the
+    layers that read the same input) when the layer is sparse enough, else the transformed dense
+    ``gᵀx`` gathered at ``E`` (always on CUDA, where the dense product runs on tensor cores)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, c: torch.Tensor, layer: WHALinear) -> torch.Tensor:
         w = layer._effective_weight(c.detach(), x.dtype)
         bias = base_bias(layer.base_layer)
         y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
-        ctx.save_for_backward(x, c)
+        ctx.save_for_backward(x, c, w)
         ctx.layer = layer
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, c = ctx.saved_tensors
+        x, c, w = ctx.saved_tensors
         layer: WHALinear = ctx.layer
         grad_x = grad_c = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ layer._effective_weight(c.detach(), grad_y.dtype)
+            grad_x = grad_y @ w.to(grad_y.dtype)
         if ctx.needs_input_grad[1]:
             g2 = grad_y.reshape(-1, layer.out_features)
-            x2 = x.reshape(-1, layer.in_features).to(g2.dtype)
-            n_tok, d_out, d_in = g2.shape[0], layer.out_features, layer.in_features
-            if n_tok * (d_in + (d_out if layer.dims == 2 else 0)) < d_out * d_in:
-                # Fewer tokens than rows: transform the activations, ∂L/∂F = s·(g·T_out)ᵀ(x·T_in) at E.
-                xt = apply_transform(x2, layer.transform, dim=1)
-                gt = apply_transform(g2, layer.transform, dim=1) if layer.dims == 2 else g2
-                grad_c = (layer._sampled_product(gt, xt) * layer.scale).to(c.dtype)
+            x2 = x.reshape(-1, layer.in_features)
+            d_out, d_in = layer.out_features, layer.in_features
+            sampled = layer.dims == 1 and not g2.is_cuda and SAMPLED_COST * layer.budget < d_out * d_in
+            if sampled:
+                xt = _transformed_input(x2, layer.transform)
+                grad_c = (layer._sampled_product(g2.to(xt.dtype), xt) * layer.scale).to(c.dtype)
             else:  # transform ∂L/∂ΔW = gᵀx, [d_out, d_in]
-                grad_c = layer._grad_values(g2.T @ x2).to(c.dtype)
+                grad_c = layer._grad_values(g2.T @ x2.to(g2.dtype)).to(c.dtype)
         return grad_x, grad_c, None
 
 
@@ -267,6 +315,7 @@ class WHALinear(nn.Module):
         self.register_buffer("wha_indices", default_indices(budget, d_out, d_in).to(torch.int32).to(device))
         self._structure_key: tuple | None = None
         self._structure: dict[str, torch.Tensor] = {}
+        self.__dict__["_weight_cache"] = None  # (key, W_Q + ΔW) for no-grad calls, see forward
 
     # ---- the API the init stage uses -----------------------------------------------------------
 
@@ -393,9 +442,9 @@ class WHALinear(nn.Module):
         )
 
     def resolved_compute(self, needs_grad: bool = True) -> str:
-        """The computation ``forward`` uses; ``"auto"`` follows :data:`AUTO_COMPUTE` by device when
-        gradients are needed, and the per-token-cheap paths when not (no ``d_out × d_in`` work per
-        call in generation: activation side, or a cached ``ΔW`` for ``dims=2``)."""
+        """The computation ``forward`` uses unless it :meth:`materialises` the weight; ``"auto"``
+        follows :data:`AUTO_COMPUTE` by device when gradients are needed, and the per-token-cheap paths
+        when not (no ``d_out × d_in`` work per call: activation side, or a cached ``ΔW`` for ``dims=2``)."""
         if self.compute != "auto":
             return self.compute
         if not needs_grad:
@@ -417,8 +466,36 @@ class WHALinear(nn.Module):
             self.__dict__["_delta_cache"] = cached
         return cached[1]
 
+    def _materialised_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``W_Q + ΔW`` ``[d_out, d_in]`` in ``dtype``, built once and kept while ``c``, ``E`` and the
+        mode are unchanged (no-grad calls only; :meth:`train` drops it)."""
+        c, idx = self.wha_c, self.wha_indices
+        key = (c.data_ptr(), c._version, idx.data_ptr(), idx._version, dtype, c.device)
+        cached = self.__dict__.get("_weight_cache")
+        if cached is None or cached[0] != key:
+            self.__dict__["_weight_cache"] = None  # free the old one before building the new one
+            cached = (key, self._effective_weight(c.detach(), dtype))
+            self.__dict__["_weight_cache"] = cached
+        return cached[1]
+
+    def materialises(self, needs_grad: bool) -> bool:
+        """Whether ``forward`` uses the materialised ``W_Q + ΔW`` (no gradient wanted, no active
+        dropout, a base exposing its dense weight): one dense product per call, the base model's cost."""
+        dropout_off = isinstance(self.dropout, nn.Identity) or not self.training
+        return not needs_grad and dropout_off and has_dense_weight(self.base_layer)
+
+    def train(self, mode: bool = True) -> WHALinear:
+        if mode:  # training resumes: the values will change, drop the materialised weights
+            self.__dict__["_weight_cache"] = None
+            self.__dict__["_delta_cache"] = None
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (self.wha_c.requires_grad or x.requires_grad)
+        if self.materialises(needs_grad):
+            bias = base_bias(self.base_layer)
+            w = self._materialised_weight(x.dtype)
+            return F.linear(x, w, None if bias is None else bias.to(x.dtype))
         mode = self.resolved_compute(needs_grad)
         if mode == "fused":
             return _FusedWeightSide.apply(x, self.wha_c, self)
