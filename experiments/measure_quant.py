@@ -200,9 +200,44 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def cd_table(out: Path) -> str:
+    """Coordinate descent against none, paired over the same held-out windows: for each (method, bits)
+    with a ``cd_iters=0`` row and a ``cd_iters>0`` row (both with per-window NLLs), perplexity with a 95%
+    bootstrap interval over windows, and the paired difference (cd minus none)."""
+    import numpy as np
+
+    from qwha.eval.stats import Arm, bootstrap_interval, paired_bootstrap_difference
+
+    rows: dict[tuple, dict] = {}
+    for line in (out / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "window_nll" in r:
+            rows[(r["method"], r["bits"], r.get("cd_iters", 0))] = r
+    lines = [
+        "| method | bits | cd sweeps | quantize wall (s) | of which CD (s) | mean ‖ΔW X‖/‖WX‖ "
+        "| held-out ppl [95%] (n windows) | Δ ppl vs no CD [95%, paired] |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, bits, cd), r in sorted(rows.items(), key=lambda kv: (-kv[0][1], kv[0][0], kv[0][2])):
+        tokens = np.full(len(r["window_nll"]), r["ppl_window"] - 1)
+        arm = Arm(np.asarray(r["window_nll"]), tokens, stat="ppl")
+        est, (lo, hi) = bootstrap_interval(arm)
+        delta = "–"
+        base = rows.get((method, bits, 0))
+        if cd and base is not None and len(base["window_nll"]) == len(r["window_nll"]):
+            ref = Arm(np.asarray(base["window_nll"]), tokens, stat="ppl")
+            d, (dlo, dhi) = paired_bootstrap_difference(arm, ref)
+            delta = f"{d:+.2f} [{dlo:+.2f}, {dhi:+.2f}]"
+        lines.append(
+            f"| {method} | {bits} | {cd} | {r['quant_wall_s']:.0f} | {r.get('cd_seconds_total', 0):.0f} | "
+            f"{r['summary']['mean_rel_dw_x']:.4f} | {est:.2f} [{lo:.2f}, {hi:.2f}] ({len(tokens)}) | {delta} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["convert", "run", "ppl", "fp", "all", "table"])
+    p.add_argument("what", choices=["convert", "run", "ppl", "fp", "all", "table", "cd-table"])
     p.add_argument("--method", default="magr_gptq")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
@@ -217,6 +252,9 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     if a.what == "table":
         print(table(a.out))
+        return
+    if a.what == "cd-table":
+        print(cd_table(a.out))
         return
     if a.what == "convert":
         t0 = time.perf_counter()

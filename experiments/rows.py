@@ -39,12 +39,14 @@ ADAPTER_FIELDS = (
     ("finetune", "train.lr", "lr"),
 )
 PER_DATA = ("lr", "mask_prompt")
+TABLE3_QUANT = ("quant.cd_iters=auto",)  # keep equal to conf/experiment/table3.yaml's quant block
 Manifest = Callable[[str, str], dict]
 
 
 @lru_cache(maxsize=256)
 def _preset(method: str, model: str, bits: int, data: str) -> dict | None:
-    """The preset ``method=<method>`` composed now for (model, bits, data), resolved; None if unknown."""
+    """The preset ``method=<method>`` composed now for (model, bits, data), with the quantizer Table 3 uses
+    (the authors': ``quant.cd_iters=auto``, ``conf/experiment/table3.yaml``), resolved; None if unknown."""
     if not (CONF / "method" / f"{method}.yaml").is_file() or not (CONF / "model" / f"{model}.yaml").is_file():
         return None
     from hydra import compose, initialize_config_dir
@@ -55,7 +57,7 @@ def _preset(method: str, model: str, bits: int, data: str) -> dict | None:
 
     import qwha.config  # noqa: F401  (registers the recipe resolvers)
 
-    overrides = [f"method={method}", f"model={model}", f"bits={bits}", f"data={data}"]
+    overrides = [f"method={method}", f"model={model}", f"bits={bits}", f"data={data}", *TABLE3_QUANT]
     outer = get_gh_backup()  # a caller's own Hydra context (a test, an app) is set aside, then restored
     GlobalHydra.instance().clear()
     try:

@@ -28,7 +28,12 @@ def compose(*overrides: str):
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     """Run `python -m qwha ...` in a subprocess from the repository root."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    base = dict(os.environ)
+    if env and "HF_HOME" in env:
+        # A test that names its own HF_HOME means that cache only: drop the cache paths this process's
+        # imports pinned (gptqmodel's tokenicer sets HF_HUB_CACHE, TRANSFORMERS_CACHE, ... from HF_HOME).
+        base = {k: v for k, v in base.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    full_env = {**base, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "qwha", *args],
         cwd=ROOT,

@@ -72,6 +72,7 @@ def test_finetune_key_change_keeps_upstream_keys():
         "init": True,
         "finetune": False,
         "eval": False,
+        "export": False,  # exports the tuned adapter
     }
     bits = _keys(compose("bits=3"))
     assert {s: bits[s] == base[s] for s in ALL_STAGES} == {
@@ -81,6 +82,7 @@ def test_finetune_key_change_keeps_upstream_keys():
         "init": False,
         "finetune": False,
         "eval": False,
+        "export": False,
     }
 
 

@@ -315,9 +315,12 @@ def test_config_keys_and_bad_values():
     assert location_learner(toy_loca_model(), compose("adapter=dct2d").adapter) is None  # off by default
     assert location_learner(toy_loca_model(), compose("adapter=sparse").adapter) is None  # no loca keys
     for override, message in [
-        ("adapter.loca.coef_steps=0", r"^adapter\.loca\.coef_steps=0 must be a positive integer$"),
-        ("adapter.loca.learn_fraction=1.5", r"^adapter\.loca\.learn_fraction=1\.5 must be in \[0, 1\]$"),
-        ("adapter.loca.location_lr=-1", r"^adapter\.loca\.location_lr=-1 must be a positive number$"),
+        ("adapter.loca.coef_steps=0", r"^adapter\.loca\.coef_steps=0 is not allowed: an integer >= 1$"),
+        (
+            "adapter.loca.learn_fraction=1.5",
+            r"^adapter\.loca\.learn_fraction=1\.5 is not allowed: a number in \[0, 1\]$",
+        ),
+        ("adapter.loca.location_lr=-1", r"^adapter\.loca\.location_lr=-1 is not allowed: a number > 0$"),
         ("train.fsdp=true", r"^train\.fsdp=true does not fit adapter\.loca\.enabled=true"),
     ]:
         with pytest.raises(ConfigError, match=message):

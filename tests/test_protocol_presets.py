@@ -282,3 +282,15 @@ def test_rows_label_old_definitions_and_keep_matching_ones():
     assert rows.display("loca_fixed") == "loca (fixed locations)"
     assert rows.label("custom", "smollm2-135m", 4, "gsm8k", {}) == "custom"
     assert rows.table_rank("smollm2-135m") == 12 and rows.table_rank("llama3.1-8b") == 64
+
+
+def test_rows_compare_with_table3s_quantizer(compose):
+    """experiment=table3 builds every row on the authors' quantizer (coordinate descent, auto schedule);
+    the row labels compare recorded runs with that same quantizer."""
+    from experiments import rows
+
+    cfg = compose("experiment=table3")
+    assert cfg.quant.cd_iters == "auto" and compose().quant.cd_iters == 0
+    assert rows.TABLE3_QUANT == ("quant.cd_iters=auto",)
+    recorded = {"quantize": {"quant": {"method": "magr_gptq", "damp": 0.01}}}  # made without the pass
+    assert "quant.cd_iters=–" in rows.label("gptq_magr", "smollm2-135m", 2, "gsm8k", recorded)
