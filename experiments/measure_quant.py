@@ -230,7 +230,8 @@ def cd_table(out: Path) -> str:
             delta = f"{d:+.2f} [{dlo:+.2f}, {dhi:+.2f}]"
         lines.append(
             f"| {method} | {bits} | {cd} | {r['quant_wall_s']:.0f} | {r.get('cd_seconds_total', 0):.0f} | "
-            f"{r['summary']['mean_rel_dw_x']:.4f} | {est:.2f} [{lo:.2f}, {hi:.2f}] ({len(tokens)}) | {delta} |"
+            f"{r['summary']['mean_rel_dw_x']:.4f} | {est:.2f} [{lo:.2f}, {hi:.2f}] ({len(tokens)}) "
+            f"| {delta} |"
         )
     return "\n".join(lines)
 
