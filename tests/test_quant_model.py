@@ -19,24 +19,11 @@ from qwha.quant import quantize_model  # noqa: E402
 from qwha.quant.magr import magr  # noqa: E402
 from qwha.quant.metrics import checkpoint_weights, dequantized_weight, quantized_linears  # noqa: E402
 from qwha.quant.pipeline import NONE_MARKER, load_quantized  # noqa: E402
-from tests.conftest import tiny_llama_config  # noqa: E402
+from tests.conftest import byte_tokenizer, tiny_llama_config  # noqa: E402
 
 BITS, GROUP = 2, 32
 ALPHA = 1e-3  # stronger than the paper's 1e-5 so that MagR visibly changes the grid
 Q0 = "model.layers.0.self_attn.q_proj"
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=alphabet[0], bos_token=alphabet[0], pad_token=alphabet[0]
-    )
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +37,7 @@ def tiny(tmp_path_factory):
     )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(root / "fp")
-    _tiny_tokenizer().save_pretrained(root / "fp")
+    byte_tokenizer().save_pretrained(root / "fp")
     calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
     results = {}
     for method in ("none", "rtn", "gptq", "magr_gptq"):
