@@ -35,14 +35,14 @@ def tiny(tmp_path_factory):
     from transformers import LlamaForCausalLM
 
     from qwha.quant import quantize_model
-    from tests.test_quant_model import _tiny_tokenizer
+    from tests.conftest import byte_tokenizer
 
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB)).save_pretrained(root / "fp")
-    _tiny_tokenizer().save_pretrained(root / "fp")
+    byte_tokenizer().save_pretrained(root / "fp")
     quantize_model(root / "fp", root / "q", None, method="rtn", bits=BITS, group_size=GROUP)
-    _tiny_tokenizer().save_pretrained(root / "q")
+    byte_tokenizer().save_pretrained(root / "q")
     return root
 
 
