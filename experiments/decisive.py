@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import render  # noqa: E402
+from experiments.rows import TABLE3_QUANT  # noqa: E402
 from qwha.eval import stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +97,7 @@ def sweep_commands(model: str, bits: int, methods, data_sets, factors=FACTORS) -
                         f"bits={bits}",
                         f"train.lr={_lr(centre * f)}",
                         "seed=0",
+                        *TABLE3_QUANT,
                         *SWEEP_EVAL,
                     ]
                 )
@@ -189,7 +191,9 @@ def seed_commands(
         methods = sorted({m for (m, d) in found if d == data})
         if not methods:
             continue
-        out.append([f"model={model}", "budget=small", "method=gptq_magr", f"data={data}", f"bits={bits}"])
+        out.append(
+            [f"model={model}", "budget=small", "method=gptq_magr", f"data={data}", f"bits={bits}", *TABLE3_QUANT]
+        )
         replicated = {REFERENCE, best_baseline(found, data)}
         for method in methods:
             lr = select(found[(method, data)])
@@ -203,18 +207,44 @@ def seed_commands(
                         f"bits={bits}",
                         f"train.lr={_lr(lr)}",
                         f"seed={seed}",
+                        *TABLE3_QUANT,
                     ]
                 )
     return out
 
 
-def _run_all(commands: list[list[str]], cache: Path, dry_run: bool) -> None:
-    for args in commands:
-        print("python -m qwha " + " ".join(args), flush=True)
+def eval_key(args: list[str], cache: Path) -> str:
+    """The eval stage's key of one command (``dry_run=true``: composes and hashes, computes nothing)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "qwha", *args, "dry_run=true"],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "QWHA_CACHE_PATH": str(cache)},
+    ).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "eval":
+            return parts[1]
+    raise RuntimeError(f"no eval key in the dry run of {' '.join(args)}:\n{out}")
+
+
+def _run_all(commands: list[list[str]], cache: Path, dry_run: bool, runs: Path = render.RUNS_DIR) -> None:
+    """Run each command unless its evaluation is already archived under ``runs`` (so a campaign resumes
+    on a fresh machine from the archive, not only from the stage cache); archive after each."""
+    for i, args in enumerate(commands, 1):
+        line = f"[{i}/{len(commands)}] python -m qwha " + " ".join(args)
         if dry_run:
+            print(line, flush=True)
             continue
+        key = eval_key(args, cache)
+        if (runs / "eval" / key / "results.json").is_file():
+            print(f"{line}\n  archived already (eval {key}): skipped", flush=True)
+            continue
+        print(line, flush=True)
         subprocess.run([sys.executable, "-m", "qwha", *args], check=True, cwd=ROOT)
-        n = render.archive(cache, render.RUNS_DIR)
+        n = render.archive(cache, runs)
         print(f"archived {n} artifacts", flush=True)
 
 
@@ -243,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--factors={args.factors}: positive numbers")
     cache = Path(args.cache)
     if args.step in ("sweep", "all"):
-        _run_all(sweep_commands(args.model, args.bits, methods, data_sets, factors), cache, args.dry_run)
+        _run_all(
+            sweep_commands(args.model, args.bits, methods, data_sets, factors),
+            cache,
+            args.dry_run,
+            Path(args.runs),
+        )
     if args.step == "sweep":
         return 0
     found = {
@@ -262,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.step == "select":
         return 0
-    _run_all(seed_commands(found, args.model, args.bits, seeds), cache, args.dry_run)
+    _run_all(seed_commands(found, args.model, args.bits, seeds), cache, args.dry_run, Path(args.runs))
     if args.step == "all" and not args.dry_run:
         render.main(["table3", "--model", args.model, "--cache", str(cache)])
     return 0
