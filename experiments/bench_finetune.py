@@ -103,11 +103,13 @@ def one(args) -> dict:
     return {k: m[k] for k in ("trainable_params", "step_time_s", "tokens_per_s", "peak_mem_mb", "first_loss")}
 
 
-def _step_fn(model, opt, batch):
-    """One optimizer step (forward, backward, AdamW update) on a fixed batch; returns its seconds."""
+def _step_fn(model, opt, batches):
+    """One optimizer step (a forward and backward per micro-batch, then the AdamW update) on fixed
+    micro-batches (gradient accumulation when there are several); returns its seconds."""
     t0 = time.perf_counter()
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
+    for batch in batches:
+        loss = model(input_ids=batch, labels=batch).loss / len(batches)
+        loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
@@ -121,8 +123,9 @@ def interleaved(args) -> None:
     Both models are the same GPTQ checkpoint (GPTQModel ``TorchLinear`` layers, training mode: the
     packed weight is dequantized in every forward, as in the fine-tune stage); LoRA is PEFT's
     (``GPTQLoraLinear``), WHA this project's; rank ``--rank`` on the seven projections gives both the
-    same number of trainable values. Each repetition times one step of every model on the same batch of
-    ``--micro-batch`` × ``--max-length`` tokens, the order reversed every other repetition; the first
+    same number of trainable values. Each repetition times one optimizer step of every model on the same
+    ``--accum`` micro-batches of ``--micro-batch`` × ``--max-length`` tokens (gradient accumulation, as
+    the fine-tune stage does), the order reversed every other repetition; the first
     step of each is a warm-up. Reported: the median step of each and the median of the per-repetition
     ratios to LoRA."""
     import statistics
@@ -153,7 +156,9 @@ def interleaved(args) -> None:
         models[name] = (m, opt, sum(p.numel() for p in params))
     g = torch.Generator().manual_seed(0)
     vocab = models["lora"][0].config.vocab_size
-    batch = torch.randint(0, vocab, (args.micro_batch, args.max_length), generator=g)
+    batch = [
+        torch.randint(0, vocab, (args.micro_batch, args.max_length), generator=g) for _ in range(args.accum)
+    ]
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -178,7 +183,8 @@ def interleaved(args) -> None:
     load = os.getloadavg()[0]
     print(
         f"\n# 2-bit GPTQ SmolLM2-135M, {platform.machine()}, threads={args.threads}, load avg {load:.1f}; "
-        f"batch {args.micro_batch} x {args.max_length} tokens, rank {args.rank}, "
+        f"{args.accum} micro-batch(es) of {args.micro_batch} x {args.max_length} tokens per step, "
+        f"rank {args.rank}, "
         f"{args.reps} interleaved repetitions after one warm-up step each\n"
     )
     print("| adapter | trainable values | median step (s) | steps (s) | median of per-rep ratios to LoRA |")

@@ -192,7 +192,14 @@ def seed_commands(
         if not methods:
             continue
         out.append(
-            [f"model={model}", "budget=small", "method=gptq_magr", f"data={data}", f"bits={bits}", *TABLE3_QUANT]
+            [
+                f"model={model}",
+                "budget=small",
+                "method=gptq_magr",
+                f"data={data}",
+                f"bits={bits}",
+                *TABLE3_QUANT,
+            ]
         )
         replicated = {REFERENCE, best_baseline(found, data)}
         for method in methods:

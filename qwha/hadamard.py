@@ -35,6 +35,8 @@ __all__ = [
     "HadamardSizeError",
     "fwht",
     "hadamard_factors",
+    "scatter_transform",
+    "transform_columns",
     "hadamard_matrix",
     "ifwht",
     "is_supported",
@@ -312,6 +314,118 @@ def _transform(x: torch.Tensor, dim: int, inverse: bool, backend: str = "auto") 
     if m > 1:
         y = torch.matmul(_dense_factor(m, not inverse, y.dtype, y.device), y.view(-1, m, p))
     return y.reshape(*batch_shape, n).to(out_dtype).movedim(-1, dim)
+
+
+# Up to this power-of-two factor the weight-side build applies ``H_P`` as one GEMM (``P`` multiply-adds per
+# element at GEMM speed); above it, as butterflies (``2·log2 P`` passes over memory). Measured on CPU,
+# one thread, SmolLM2 widths: P = 16 (576 = 36·16) the GEMM is 1.7-2.6x faster than the butterflies;
+# P = 128 (1536 = 12·128) the butterflies win (experiments/results/finetune.md).
+_GEMM_MAX_P = 32
+
+
+@functools.lru_cache(maxsize=64)
+def _right_factor(
+    m: int, inverse: bool, scale: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``scale · H_m`` (``scale · H_mᵀ`` if ``inverse``), normalised, as the right operand of a GEMM on
+    rows laid out ``[..., m]`` (see :func:`scatter_transform`)."""
+    h = _small_hadamard(m) / math.sqrt(m) * scale
+    return (h.T if inverse else h).contiguous().to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _sylvester_cached(p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _sylvester(p, torch.float64).to(device=device, dtype=dtype)
+
+
+def _butterflies_middle(x: torch.Tensor, rows: int, p: int, m: int) -> torch.Tensor:
+    """Unnormalised Sylvester transform along the middle axis of a contiguous ``[rows, p, m]`` tensor (each
+    radix-2 stage adds and subtracts contiguous runs of ``h·m`` elements; ``x`` is overwritten)."""
+    src, spare = x, torch.empty_like(x)
+    h = 1
+    while h < p:
+        s = src.view(rows, p // (2 * h), 2, h * m)
+        d = spare.view(rows, p // (2 * h), 2, h * m)
+        torch.add(s[:, :, 0], s[:, :, 1], out=d[:, :, 0])
+        torch.sub(s[:, :, 0], s[:, :, 1], out=d[:, :, 1])
+        src, spare, h = spare, src, 2 * h
+    return src
+
+
+def scatter_positions(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """Where :func:`scatter_transform` puts the entry at row-major flat position ``flat`` of an ``[R, n]``
+    matrix: column ``j = a·P + b`` (``n = m·P``) goes to ``b·m + a`` of its row (the ``[R, P, m]`` layout)."""
+    m, p = hadamard_factors(n)
+    flat = flat.long()
+    row, col = flat // n, flat % n
+    return row * n + (col % p) * m + col // p
+
+
+def scatter_transform(
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    rows: int,
+    n: int,
+    *,
+    inverse: bool,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``base + S·H`` (``S·Hᵀ`` if ``inverse``) for the sparse ``S`` ``[rows, n]`` holding ``values`` at
+    ``positions`` (from :func:`scatter_positions`), without autograd, in ``values``' dtype.
+
+    The weight side of the WHA adapter (``W_Q + s·F·T⁻¹``) built in four passes: a scatter into the
+    ``[rows, P, m]`` layout, ``H_m`` (with the ``1/√P`` of ``H_P`` folded in) as one GEMM over the last
+    axis, ``H_P`` over the middle axis (one GEMM after a transpose for ``P ≤ 32``, else butterflies), and
+    ``base`` added while the layout is turned back to ``[rows, m, P]`` (row-major ``[rows, n]``). About
+    2x faster on CPU than scattering into ``[rows, n]`` and calling :func:`ifwht` (butterflies, then a
+    broadcast batched product), which also needed separate passes for the scale and for adding ``base``.
+    """
+    m, p = hadamard_factors(n)
+    dtype, device = values.dtype, values.device
+    y = torch.zeros(rows * n, dtype=dtype, device=device)
+    y.index_put_((positions,), values)
+    y = y.view(rows * p, m)
+    if m > 1:
+        y = y @ _right_factor(m, inverse, 1.0 / math.sqrt(p), dtype, device)
+    elif p > 1:
+        y = y * (1.0 / math.sqrt(p))
+    if p > 1 and p <= _GEMM_MAX_P:  # [rows, P, m] -> [rows·m, P] @ H_P (symmetric)
+        z = y.view(rows, p, m).transpose(1, 2).reshape(rows * m, p)
+        hp = _sylvester_cached(p, dtype, device)
+        out = z @ hp if base is None else torch.addmm(base.reshape(rows * m, p).to(dtype), z, hp)
+        return out.view(rows, n)
+    if p > 1:
+        y = _butterflies_middle(y.view(rows, p, m), rows, p, m)
+    y = y.view(rows, p, m).transpose(1, 2)
+    out = y.contiguous() if base is None else torch.add(base.reshape(rows, m, p).to(dtype), y)
+    return out.view(rows, n)
+
+
+def transform_columns(a: torch.Tensor, *, inverse: bool) -> torch.Tensor:
+    """``Hᵀ·a`` (``H·a`` if ``inverse``) for ``a`` ``[n, N]``, without autograd, in ``a``'s (float) dtype:
+    the transposed form of ``x·H`` (``x·Hᵀ``), i.e. ``(x·H)ᵀ`` for ``a = xᵀ``.
+
+    With ``a`` viewed as ``[m, P, N]``: ``H_m`` is one GEMM over the first axis (``[m, m] @ [m, P·N]``,
+    with the ``1/√P`` of ``H_P`` folded in) and ``H_P`` a batched GEMM (``P ≤ 32``) or butterflies over
+    contiguous runs of ``h·N`` elements: no transposes, and the result is already the column-major ``x·H``
+    that a sampled product reads (the WHA adapter's ``∂L/∂c``). On CPU, one thread, ``[512, 1536]`` it
+    is several times faster than :func:`fwht` along the rows (experiments/results/finetune.md)."""
+    n, cols = a.shape
+    m, p = hadamard_factors(n)
+    dtype, device = a.dtype, a.device
+    y = a.contiguous().view(m, p * cols)
+    if m > 1:  # Hmᵀ·y for x·H, Hm·y for x·Hᵀ: the transposed right factor of scatter_transform
+        y = _right_factor(m, inverse, 1.0 / math.sqrt(p), dtype, device).T @ y
+    elif p > 1:
+        y = y * (1.0 / math.sqrt(p))
+    elif y.data_ptr() == a.data_ptr():
+        y = y.clone()
+    if p > 1 and p <= _GEMM_MAX_P:
+        hp = _sylvester_cached(p, dtype, device)
+        y = torch.matmul(hp, y.view(m, p, cols))
+    elif p > 1:
+        y = _butterflies_middle(y.contiguous().view(m, p, cols), m, p, cols)
+    return y.reshape(n, cols)
 
 
 class _HadamardFn(torch.autograd.Function):

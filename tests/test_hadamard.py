@@ -177,3 +177,42 @@ def test_supported_orders():
     assert 36 in orders and 68 in orders  # 36 = 2(17 + 1) (Paley II), 68 = 67 + 1 (Paley I)
     assert 92 not in orders  # 91 = 7·13 and 45 are not prime powers: no Paley construction
     assert all(m in (1, 2) or m % 4 == 0 for m in orders)
+
+
+# d_in / d_out widths of the supported model families (and small edge cases): m > 1 with P ≤ 32 (GEMM
+# route), P > 32 (butterflies), m = 1 (power of two) and P = 1 (the dense factor alone).
+SCATTER_WIDTHS = [1, 2, 12, 16, 64, 192, 576, 1536, 2048, 3072, 3584, 4096, 8192, 11008, 14336, 18944]
+
+
+@pytest.mark.parametrize("n", SCATTER_WIDTHS)
+def test_scatter_transform_equals_dense_float64(n):
+    """``base + S·H`` / ``base + S·Hᵀ`` of a sparse ``S`` built in the transform's own layout equals the
+    dense float64 product with ``hadamard_matrix``."""
+    g = torch.Generator().manual_seed(n)
+    rows = 3
+    p = max(1, rows * n // 7)
+    flat = torch.randperm(rows * n, generator=g)[:p].sort().values
+    values = torch.randn(p, generator=g, dtype=torch.float64)
+    base = torch.randn(rows, n, generator=g, dtype=torch.float64)
+    s = torch.zeros(rows * n, dtype=torch.float64).index_put((flat,), values).view(rows, n)
+    h = hd.hadamard_matrix(n)
+    pos = hd.scatter_positions(flat, n)
+    for inverse in (False, True):
+        want = s @ (h.T if inverse else h)
+        got = hd.scatter_transform(values, pos, rows, n, inverse=inverse, base=base)
+        assert torch.allclose(got, base + want, atol=1e-10, rtol=0)
+        got0 = hd.scatter_transform(values, pos, rows, n, inverse=inverse)
+        assert torch.allclose(got0, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("n", SCATTER_WIDTHS)
+def test_transform_columns_equals_dense_float64(n):
+    """``Hᵀ·a`` and ``H·a`` (the transposed ``x·H`` / ``x·Hᵀ``) equal the dense float64 products."""
+    g = torch.Generator().manual_seed(n + 1)
+    a = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    h = hd.hadamard_matrix(n)
+    assert torch.allclose(hd.transform_columns(a, inverse=False), h.T @ a, atol=1e-10, rtol=0)
+    assert torch.allclose(hd.transform_columns(a, inverse=True), h @ a, atol=1e-10, rtol=0)
+    assert torch.allclose(
+        hd.transform_columns(a.T.contiguous().T, inverse=False), h.T @ a, atol=1e-10, rtol=0
+    )

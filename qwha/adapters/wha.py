@@ -55,7 +55,7 @@ from qwha.adapters.base import (
     linear_features,
     unwrap_model,
 )
-from qwha.hadamard import hadamard_factors
+from qwha.hadamard import hadamard_factors, scatter_positions, scatter_transform, transform_columns
 from qwha.transforms import apply_transform, check_transform
 
 SCALE_NORMS = ("paper", "reference", "none")
@@ -180,8 +180,11 @@ def _transformed_input(x2: torch.Tensor, transform: str) -> torch.Tensor:
     if _SHARED_XT.get("key") != key:
         _SHARED_XT.clear()  # drop the previous input first: peak memory holds one shared transform
         cdtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
-        xt = apply_transform(x2.to(cdtype), transform, dim=1)
-        _SHARED_XT.update(key=key, x=x2, xt=xt.T.contiguous().T)
+        if transform == "wht" and not x2.is_cuda:  # (x·H)ᵀ = Hᵀxᵀ built column-major directly
+            xt = transform_columns(x2.to(cdtype).T, inverse=False).T
+        else:
+            xt = apply_transform(x2.to(cdtype), transform, dim=1).T.contiguous().T
+        _SHARED_XT.update(key=key, x=x2, xt=xt)
     return _SHARED_XT["xt"]
 
 
@@ -201,7 +204,7 @@ class _FusedWeightSide(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, c: torch.Tensor, layer: WHALinear) -> torch.Tensor:
-        w = layer._effective_weight(c.detach(), x.dtype)
+        w = layer._materialised_weight(x.dtype)  # once per value of c: a step's micro-batches share it
         bias = base_bias(layer.base_layer)
         y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
         ctx.save_for_backward(x, c, w)
@@ -385,8 +388,23 @@ class WHALinear(nn.Module):
     # ---- internals -------------------------------------------------------------------------------
 
     def _effective_weight(self, c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``W_Q + ΔW(c)`` in ``dtype``, no autograd. CPU, ``wht`` along d_in: scattered straight into the
+        fast transform's layout with the base added in its last pass (:func:`scatter_transform`, about
+        2x faster than :meth:`delta_weight` plus an add); CUDA keeps the Triton transform."""
         with torch.no_grad():
             w = dense_weight(self.base_layer)
+            if self.transform == "wht" and self.dims == 1 and not c.is_cuda:
+                cdtype = torch.float64 if c.dtype == torch.float64 else torch.float32
+                st = self._csr_structure()
+                out = scatter_transform(
+                    c.to(cdtype) * self.scale,
+                    st["wht_pos"],
+                    self.out_features,
+                    self.in_features,
+                    inverse=True,
+                    base=w,
+                )
+                return out.to(dtype)
             delta = self.delta_weight(c)
             return (w.to(delta.dtype) + delta).to(dtype)
 
@@ -422,6 +440,7 @@ class WHALinear(nn.Module):
             crow_t = torch.zeros(self.in_features + 1, dtype=torch.int64, device=idx.device)
             crow_t[1:] = torch.cumsum(torch.bincount(cols, minlength=self.in_features), 0)
             self._structure = {
+                "wht_pos": scatter_positions(flat, self.in_features) if self.transform == "wht" else None,
                 "crow": crow,
                 "col": cols,
                 "order_t": order_t,
@@ -467,16 +486,24 @@ class WHALinear(nn.Module):
         return cached[1]
 
     def _materialised_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """``W_Q + ΔW`` ``[d_out, d_in]`` in ``dtype``, built once and kept while ``c``, ``E`` and the
-        mode are unchanged (no-grad calls only; :meth:`train` drops it)."""
-        c, idx = self.wha_c, self.wha_indices
-        key = (c.data_ptr(), c._version, idx.data_ptr(), idx._version, dtype, c.device)
+        """``W_Q + ΔW`` ``[d_out, d_in]`` in ``dtype``, built once and reused while ``c`` and ``E`` hold the
+        same values: across no-grad calls, and in training across the micro-batches of one optimizer step
+        (gradient accumulation, a checkpointed recomputation), where the fused forward saves it for its
+        backward anyway, so keeping it adds no peak memory. The key is the values themselves (``p``
+        elements compared, not a version counter that a re-sharded or reloaded parameter could repeat);
+        :meth:`train` drops it."""
+        c, idx = self.wha_c.detach(), self.wha_indices
         cached = self.__dict__.get("_weight_cache")
-        if cached is None or cached[0] != key:
+        if (
+            cached is None
+            or cached[0] != (dtype, c.device)
+            or not torch.equal(cached[1], c)
+            or not torch.equal(cached[2], idx)
+        ):
             self.__dict__["_weight_cache"] = None  # free the old one before building the new one
-            cached = (key, self._effective_weight(c.detach(), dtype))
+            cached = ((dtype, c.device), c.clone(), idx.clone(), self._effective_weight(c, dtype))
             self.__dict__["_weight_cache"] = cached
-        return cached[1]
+        return cached[3]
 
     def materialises(self, needs_grad: bool) -> bool:
         """Whether ``forward`` uses the materialised ``W_Q + ΔW`` (no gradient wanted, no active
