@@ -124,3 +124,46 @@ def test_main_dry_run_selects_from_the_archive(tmp_path, capsys):
     )
     with pytest.raises(SystemExit):
         decisive.main(["select", "--factors", "a/b"])
+
+
+def test_run_all_skips_commands_whose_eval_is_archived(tmp_path, monkeypatch):
+    """A campaign resumed on a fresh machine (empty stage cache) runs only what the archive lacks: the
+    eval key of each command (from its dry run) is looked up under ``runs/eval/<key>/results.json``."""
+    runs = tmp_path / "runs"
+    (runs / "eval" / "aaaa").mkdir(parents=True)
+    (runs / "eval" / "aaaa" / "results.json").write_text("{}")
+    (runs / "eval" / "bbbb").mkdir(parents=True)  # a folder without results.json is not a finished run
+    keys = {"method=qwha": "aaaa", "method=cloq": "bbbb", "method=ssh": "cccc"}
+    monkeypatch.setattr(decisive, "eval_key", lambda args, cache: keys[args[0]])
+    ran = []
+    monkeypatch.setattr(decisive.subprocess, "run", lambda cmd, **kw: ran.append(cmd[3]))
+    monkeypatch.setattr(decisive.render, "archive", lambda cache, dest: 0)
+    decisive._run_all([["method=qwha"], ["method=cloq"], ["method=ssh"]], tmp_path / "cache", False, runs)
+    assert ran == ["method=cloq", "method=ssh"]
+
+
+def test_eval_key_is_the_dry_run_key(tmp_path):
+    """``eval_key`` returns the key ``python -m qwha dry_run=true`` prints for the eval stage."""
+    args = ["model=smollm2-135m", "budget=small", "method=qwha", "data=gsm8k", "bits=2", "seed=0"]
+    k1 = decisive.eval_key(args, tmp_path)
+    k2 = decisive.eval_key([*args[:-1], "seed=1"], tmp_path)
+    assert len(k1) == 16 and int(k1, 16) >= 0 and k1 != k2
+    assert k1 == decisive.eval_key(list(args), tmp_path)
+
+
+def test_seed_runs_put_the_paired_comparison_first(tmp_path):
+    """GPTQ alone, QWHA and the best baseline (seed 0) come before the other methods, and the extra seeds
+    last, so a campaign cut short has the comparison that decides the question."""
+    found = decisive.heldout_results(render.Runs(_campaign(tmp_path / "c").root), "smollm2-135m", 2)
+    gsm = [c for c in decisive.seed_commands(found, "smollm2-135m", 2, [0, 1, 2]) if "data=gsm8k" in c]
+    methods = [" ".join(a for a in c if a.startswith(("method=", "seed="))) for c in gsm]
+    assert methods == [
+        "method=gptq_magr",
+        "method=qwha seed=0",
+        "method=ssh seed=0",
+        "method=cloq seed=0",
+        "method=qwha seed=1",
+        "method=ssh seed=1",
+        "method=qwha seed=2",
+        "method=ssh seed=2",
+    ]

@@ -114,3 +114,39 @@ def test_one_qwha_step_on_2bit_gptq_smollm2_shapes():
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in params)
     assert any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
+
+
+def test_fused_weight_is_reused_within_a_step_and_rebuilt_after_it_on_cuda(monkeypatch):
+    """On CUDA the materialised ``W_Q + ΔW`` is keyed without a device sync (storage, version counter,
+    the process's optimizer steps): two micro-batches build it once and accumulate the float64 dense
+    gradient; an optimizer step rebuilds it with the new values."""
+    from qwha.adapters.wha import WHALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(576, 192, dtype=torch.float64).to(CUDA)
+    layer = WHALinear(base, 9216, compute="fused", dtype=torch.float64)
+    builds = []
+    real = WHALinear._effective_weight
+    monkeypatch.setattr(
+        WHALinear, "_effective_weight", lambda self, c, dtype: builds.append(1) or real(self, c, dtype)
+    )
+    with torch.no_grad():
+        layer.wha_c.normal_()
+    xs = [torch.randn(8, 576, dtype=torch.float64, device=CUDA) for _ in range(2)]
+    for x in xs:
+        layer(x).square().sum().backward()
+    assert len(builds) == 1
+    t = transform_matrix("wht", 576).to(CUDA)
+
+    def dense(c):
+        f = torch.zeros(192 * 576, dtype=torch.float64, device=CUDA).index_put((layer.wha_indices.long(),), c)
+        return base.weight.detach() + layer.scale * f.view(192, 576) @ t.T
+
+    c = layer.wha_c.detach().clone().requires_grad_(True)
+    ref = sum((x @ dense(c).T + base.bias.detach()).square().sum() for x in xs)
+    (want,) = torch.autograd.grad(ref, [c])
+    assert torch.allclose(layer.wha_c.grad, want, rtol=1e-9, atol=1e-9)
+    torch.optim.SGD([layer.wha_c], lr=1e-3).step()
+    y = layer(xs[0])
+    assert len(builds) == 2
+    assert torch.allclose(y, xs[0] @ dense(layer.wha_c.detach()).T + base.bias.detach(), atol=1e-9)

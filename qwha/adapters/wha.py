@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qwha.adapters.base import (
     base_bias,
@@ -186,6 +187,17 @@ def _transformed_input(x2: torch.Tensor, transform: str) -> torch.Tensor:
             xt = apply_transform(x2.to(cdtype), transform, dim=1).T.contiguous().T
         _SHARED_XT.update(key=key, x=x2, xt=xt)
     return _SHARED_XT["xt"]
+
+
+# Optimizer steps taken in this process (any optimizer): part of the CUDA key of a materialised weight.
+_STEPS = [0]
+
+
+def _optimizer_steps(_optimizer, _args, _kwargs) -> None:
+    _STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_optimizer_steps)
 
 
 def clear_shared_transform() -> None:
@@ -486,22 +498,32 @@ class WHALinear(nn.Module):
         return cached[1]
 
     def _materialised_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """``W_Q + ΔW`` ``[d_out, d_in]`` in ``dtype``, built once and reused while ``c`` and ``E`` hold the
-        same values: across no-grad calls, and in training across the micro-batches of one optimizer step
+        """``W_Q + ΔW`` ``[d_out, d_in]`` in ``dtype``, built once and reused while ``c`` and ``E`` are
+        unchanged: across no-grad calls, and in training across the micro-batches of one optimizer step
         (gradient accumulation, a checkpointed recomputation), where the fused forward saves it for its
-        backward anyway, so keeping it adds no peak memory. The key is the values themselves (``p``
-        elements compared, not a version counter that a re-sharded or reloaded parameter could repeat);
-        :meth:`train` drops it."""
+        backward anyway, so keeping it adds no peak memory; :meth:`train` drops it.
+
+        Unchanged means, on CPU, the same values (``p`` elements compared: robust to writes through
+        ``.data`` or a reloaded parameter that repeat a version counter); on CUDA, where comparing would
+        wait for the device at every layer, the same storage and version counter and no optimizer step
+        anywhere in the process since the build (:func:`_optimizer_steps`)."""
         c, idx = self.wha_c.detach(), self.wha_indices
         cached = self.__dict__.get("_weight_cache")
-        if (
-            cached is None
-            or cached[0] != (dtype, c.device)
-            or not torch.equal(cached[1], c)
-            or not torch.equal(cached[2], idx)
-        ):
+        if c.is_cuda:
+            key = (dtype, c.device, _STEPS[0], c.data_ptr(), c._version, idx.data_ptr(), idx._version)
+            fresh = cached is not None and cached[0] == key
+        else:
+            key = (dtype, c.device)
+            fresh = (
+                cached is not None
+                and cached[0] == key
+                and torch.equal(cached[1], c)
+                and torch.equal(cached[2], idx)
+            )
+        if not fresh:
             self.__dict__["_weight_cache"] = None  # free the old one before building the new one
-            cached = ((dtype, c.device), c.clone(), idx.clone(), self._effective_weight(c, dtype))
+            held = (None, None) if c.is_cuda else (c.clone(), idx.clone())
+            cached = (key, *held, self._effective_weight(c, dtype))
             self.__dict__["_weight_cache"] = cached
         return cached[3]
 
