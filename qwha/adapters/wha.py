@@ -238,6 +238,13 @@ class _FusedWeightSide(torch.autograd.Function):
             if sampled:
                 xt = _transformed_input(x2, layer.transform)
                 grad_c = (layer._sampled_product(g2.to(xt.dtype), xt) * layer.scale).to(c.dtype)
+            elif layer.transform == "wht" and layer.dims == 1 and not g2.is_cuda:
+                # (∂L/∂ΔW · H)ᵀ = Hᵀ·(xᵀg): the GEMM's [d_in, d_out] result transformed along its columns
+                # (no transposes), gathered at E in that layout
+                cdtype = torch.float64 if g2.dtype == torch.float64 else torch.float32
+                gt = transform_columns(x2.to(cdtype).T @ g2.to(cdtype), inverse=False)
+                st = layer._csr_structure()
+                grad_c = (gt.reshape(-1)[st["flat_t"]] * layer.scale).to(c.dtype)
             else:  # transform ∂L/∂ΔW = gᵀx, [d_out, d_in]
                 grad_c = layer._grad_values(g2.T @ x2.to(g2.dtype)).to(c.dtype)
         return grad_x, grad_c, None
@@ -453,6 +460,7 @@ class WHALinear(nn.Module):
             crow_t[1:] = torch.cumsum(torch.bincount(cols, minlength=self.in_features), 0)
             self._structure = {
                 "wht_pos": scatter_positions(flat, self.in_features) if self.transform == "wht" else None,
+                "flat_t": cols * self.out_features + rows,  # E in the transposed [d_in, d_out] layout
                 "crow": crow,
                 "col": cols,
                 "order_t": order_t,
