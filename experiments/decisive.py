@@ -6,6 +6,7 @@ then the Table 3 runs at each method's own rate, with several seeds for QWHA and
     python experiments/decisive.py sweep  --bits 2 [--dry-run]                    # each step alone
     python experiments/decisive.py select --bits 2                                # from the archive
     python experiments/decisive.py seeds  --bits 2 --seeds 0,1,2 [--dry-run]
+    python experiments/decisive.py sweep  --bits 2 --shard 2/2                    # a second worker (core)
 
 `make decisive BITS=2` / `make decisive BITS=4 METHODS=qwha,cloq SEEDS=0` run ``all``.
 
@@ -271,7 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=os.environ.get("QWHA_CACHE_PATH", ".cache/qwha"))
     ap.add_argument("--runs", default=str(render.RUNS_DIR), help="archived records the selection reads")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument(
+        "--shard",
+        default="1/1",
+        help="K/N: run every N-th command from the K-th (one worker per core: --shard 1/2 and --shard 2/2; "
+        "a run the other worker is building is waited for and reused)",
+    )
     args = ap.parse_args(argv)
+    try:
+        k, n = (int(v) for v in args.shard.split("/"))
+        if not 1 <= k <= n:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--shard={args.shard!r}: K/N with 1 <= K <= N, e.g. 1/2")
+
+    def shard(commands: list[list[str]]) -> list[list[str]]:
+        return commands[k - 1 :: n]
+
     methods, data_sets = args.methods.split(","), args.data.split(",")
     try:
         factors = [float(Fraction(f)) for f in args.factors.split(",")]  # "1/3" -> 0.333...
@@ -285,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache)
     if args.step in ("sweep", "all"):
         _run_all(
-            sweep_commands(args.model, args.bits, methods, data_sets, factors),
+            shard(sweep_commands(args.model, args.bits, methods, data_sets, factors)),
             cache,
             args.dry_run,
             Path(args.runs),
@@ -308,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.step == "select":
         return 0
-    _run_all(seed_commands(found, args.model, args.bits, seeds), cache, args.dry_run, Path(args.runs))
+    _run_all(shard(seed_commands(found, args.model, args.bits, seeds)), cache, args.dry_run, Path(args.runs))
     if args.step == "all" and not args.dry_run:
         render.main(["table3", "--model", args.model, "--cache", str(cache)])
     return 0

@@ -167,3 +167,21 @@ def test_seed_runs_put_the_paired_comparison_first(tmp_path):
         "method=qwha seed=2",
         "method=ssh seed=2",
     ]
+
+
+def test_shards_split_the_commands_between_workers(tmp_path, monkeypatch, capsys):
+    """``--shard K/N`` runs every N-th command from the K-th: two workers cover the sweep exactly once."""
+    monkeypatch.setattr(decisive, "recipe_lr", lambda *a, **k: 1e-4)
+    seen = []
+    for k in (1, 2):
+        decisive.main(
+            ["sweep", "--methods", "qwha,cloq", "--data", "gsm8k", "--shard", f"{k}/2", "--dry-run"]
+        )
+        seen.append([line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()])
+    full = [
+        " ".join(["python -m qwha", *c])
+        for c in decisive.sweep_commands("smollm2-135m", 2, ["qwha", "cloq"], ["gsm8k"])
+    ]
+    assert len(seen[0]) == 3 and len(seen[1]) == 3
+    assert sorted(seen[0] + seen[1]) == sorted(full)
+    assert seen[0] == full[0::2]
