@@ -63,8 +63,8 @@ SCALE_NORMS = ("paper", "reference", "none")
 COMPUTES = ("auto", "fused", "delta", "sparse")
 # What compute="auto" prefers per device type (dims=1; dims=2 is always weight side). CPU: measured on
 # whole 2-bit SmolLM2 training steps, interleaved with LoRA (experiments/bench_finetune.py --interleave,
-# experiments/results/finetune.md): fused 1.28x LoRA's step, the activation side 1.67x. CUDA:
-# provisional until experiments/bench_adapter.py runs on the GPU machine (make gpu-check).
+# experiments/results/finetune.md): fused 0.98-1.07x LoRA's step at r = 12, the activation side 1.67x
+# (r = 64). CUDA: provisional until experiments/bench_adapter.py runs on the GPU machine (make gpu-check).
 AUTO_COMPUTE = {"cpu": "fused", "cuda": "fused"}
 
 __all__ = [
