@@ -82,27 +82,25 @@ def _lr(x: float) -> str:
     return f"{x:.3g}"
 
 
+def run_args(
+    model: str, method: str, data: str, bits: int, lr: float | None = None, seed: int = 0
+) -> list[str]:
+    """One campaign run's ``python -m qwha`` arguments: ``budget=small`` and the Table 3 quantizer, so
+    every row pairs with ``make table3``'s; GPTQ alone (``lr=None``) has no rate or seed."""
+    head = [f"model={model}", "budget=small", f"method={method}", f"data={data}", f"bits={bits}"]
+    tuned = [] if lr is None else [f"train.lr={_lr(lr)}", f"seed={seed}"]
+    return [*head, *tuned, *TABLE3_QUANT]
+
+
 def sweep_commands(model: str, bits: int, methods, data_sets, factors=FACTORS) -> list[list[str]]:
     """The ``python -m qwha`` argument lists of the sweep, one per (method, data, rate)."""
-    out = []
-    for method in methods:
-        for data in data_sets:
-            centre = recipe_lr(model, method, data, bits)
-            for f in factors:
-                out.append(
-                    [
-                        f"model={model}",
-                        "budget=small",
-                        f"method={method}",
-                        f"data={data}",
-                        f"bits={bits}",
-                        f"train.lr={_lr(centre * f)}",
-                        "seed=0",
-                        *TABLE3_QUANT,
-                        *SWEEP_EVAL,
-                    ]
-                )
-    return out
+    return [
+        [*run_args(model, method, data, bits, centre * f), *SWEEP_EVAL]
+        for method in methods
+        for data in data_sets
+        for centre in (recipe_lr(model, method, data, bits),)
+        for f in factors
+    ]
 
 
 def heldout_results(runs: render.Runs, model: str, bits: int) -> dict[tuple[str, str], dict[float, dict]]:
@@ -193,35 +191,13 @@ def seed_commands(
         methods = sorted({m for (m, d) in found if d == data})
         if not methods:
             continue
-        out.append(
-            [
-                f"model={model}",
-                "budget=small",
-                "method=gptq_magr",
-                f"data={data}",
-                f"bits={bits}",
-                *TABLE3_QUANT,
-            ]
-        )
+        out.append(run_args(model, "gptq_magr", data, bits))
         best = best_baseline(found, data)
         replicated = [m for m in (REFERENCE, best) if m in methods]
         order = replicated + [m for m in methods if m not in replicated]
-
-        def run(method: str, seed: int, data: str = data) -> list[str]:
-            lr = select(found[(method, data)])
-            return [
-                f"model={model}",
-                "budget=small",
-                f"method={method}",
-                f"data={data}",
-                f"bits={bits}",
-                f"train.lr={_lr(lr)}",
-                f"seed={seed}",
-                *TABLE3_QUANT,
-            ]
-
-        out += [run(m, seeds[0]) for m in order]
-        out += [run(m, seed) for seed in seeds[1:] for m in replicated]
+        chosen = {m: select(found[(m, data)]) for m in methods}
+        out += [run_args(model, m, data, bits, chosen[m], seeds[0]) for m in order]
+        out += [run_args(model, m, data, bits, chosen[m], seed) for seed in seeds[1:] for m in replicated]
     return out
 
 
