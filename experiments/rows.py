@@ -41,6 +41,9 @@ ADAPTER_FIELDS = (
 PER_DATA = ("lr", "mask_prompt")
 TABLE3_QUANT = ("quant.cd_iters=auto",)  # keep equal to conf/experiment/table3.yaml's quant block
 Manifest = Callable[[str, str], dict]
+# Quantizer keys that the quantize stage's record omits when they hold these values (its key stays the
+# one from before the keys existed); an absent key means this value.
+QUANT_OMITTED = {"magr_solver": "ista", "cd_iters": 0}
 
 
 @lru_cache(maxsize=256)
@@ -57,7 +60,16 @@ def _preset(method: str, model: str, bits: int, data: str) -> dict | None:
 
     import qwha.config  # noqa: F401  (registers the recipe resolvers)
 
-    overrides = [f"method={method}", f"model={model}", f"bits={bits}", f"data={data}", *TABLE3_QUANT]
+    # budget=paper: a table's definition, never the run without a budget, whose first-run settings
+    # (the embedded model's FISTA MagR) would mark every table run "old"
+    overrides = [
+        f"method={method}",
+        f"model={model}",
+        f"bits={bits}",
+        f"data={data}",
+        "budget=paper",
+        *TABLE3_QUANT,
+    ]
     outer = get_gh_backup()  # a caller's own Hydra context (a test, an app) is set aside, then restored
     GlobalHydra.instance().clear()
     try:
@@ -97,7 +109,8 @@ def differences(method: str, model: str, bits: int, data: str, recorded: dict[st
     quant_old = recorded.get("quantize", {}).get("quant")
     if quant_old is not None:
         for key, new in (preset.get("quant") or {}).items():
-            old = quant_old.get(key)
+            # a key the quantize stage leaves out of its record at its default (qwha/stages/quantize.py)
+            old = quant_old.get(key, QUANT_OMITTED.get(key))
             if key in ("bits", "group_size") or (old is None and not new):
                 continue  # bits/group size are the row's coordinates; an absent key that is off now is equal
             if not _same(old, new):

@@ -10,7 +10,7 @@ import logging
 import math
 
 import pytest
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 import qwha.config  # noqa: F401  (registers the resolvers)
 from qwha import recipes
@@ -294,3 +294,17 @@ def test_rows_compare_with_table3s_quantizer(compose):
     assert rows.TABLE3_QUANT == ("quant.cd_iters=auto",)
     recorded = {"quantize": {"quant": {"method": "magr_gptq", "damp": 0.01}}}  # made without the pass
     assert "quant.cd_iters=–" in rows.label("gptq_magr", "smollm2-135m", 2, "gsm8k", recorded)
+
+
+def test_a_table_run_is_named_by_its_preset_not_marked_old(compose):
+    """A run made as the tables make it (budget=small, the Table 3 quantizer) carries its preset's name:
+    the definition it is compared with is a table budget's, not the first run's (FISTA MagR, 40 iters)."""
+    from experiments import rows
+
+    run = compose("method=qwha", "data=gsm8k", "bits=2", "budget=small", *rows.TABLE3_QUANT)
+    assert run.quant.magr_solver == "ista" and run.quant.magr_iters == 200  # the paper's MagR
+    assert compose("method=qwha").quant.magr_solver == "fista"  # the run without a budget differs
+    part = lambda *keys: {k: OmegaConf.to_container(run[k], resolve=True) for k in keys}  # noqa: E731
+    recorded = {"quantize": part("quant"), "init": part("init", "adapter"), "finetune": part("data", "train")}
+    del recorded["quantize"]["quant"]["magr_solver"]  # the quantize stage records ista by leaving it out
+    assert rows.label("qwha", "smollm2-135m", 2, "gsm8k", recorded) == "qwha"
