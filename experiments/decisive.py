@@ -110,7 +110,9 @@ def heldout_results(runs: render.Runs, model: str, bits: int) -> dict[tuple[str,
         h = res.get("train_heldout")
         if not h or h.get("lr") is None or int(res.get("bits", -1)) != bits or res.get("seed") != 0:
             continue
-        key = (render._method(res), str(res.get("data")))
+        # the preset the run was made with: a swept rate differs from the recipe's, so its row label
+        # says "(old: lr)", but it is the same method
+        key = (res.get("_preset") or render._method(res), str(res.get("data")))
         lr = float(h["lr"])
         if lr not in out[key] or res.get("_created", 0) > out[key][lr].get("_created", 0):
             out[key][lr] = res

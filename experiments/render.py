@@ -167,7 +167,8 @@ def eval_runs(cache: Runs | Path, model: str) -> list[dict]:
         if res.get("model") == model:
             res["_path"] = str(path)
             res["_wall_s"] = info.get("wall_time_s")
-            res["method_name"] = eval_label(res, Runs.of(cache).manifest)
+            res["_preset"] = res.get("method_name")  # the `method=` preset the run was made with
+            res["method_name"] = eval_label(res, Runs.of(cache).manifest)  # the row's name today
             res["_files"] = info.get("files", {})
             res["_created"] = _created(info)
             # The quantized model the row was evaluated on: its key and build (None: not recorded).

@@ -185,3 +185,21 @@ def test_shards_split_the_commands_between_workers(tmp_path, monkeypatch, capsys
     assert len(seen[0]) == 3 and len(seen[1]) == 3
     assert sorted(seen[0] + seen[1]) == sorted(full)
     assert seen[0] == full[0::2]
+
+
+def test_swept_rates_off_the_recipe_stay_one_method(tmp_path, monkeypatch):
+    """A swept rate that is not the recipe's makes the run's row label "(old: lr)"; the selection still
+    groups it with its method (the preset the run was made with)."""
+    recipe = 1e-4
+    monkeypatch.setattr(
+        render,
+        "eval_label",
+        lambda res, manifest: (
+            res["method_name"] + ("" if res["train_heldout"]["lr"] == recipe else " (old: lr)")
+        ),
+    )
+    cache = StageCache(tmp_path / "c")
+    for lr, mean in ((1e-4, 12.0), (7e-4, 9.0)):
+        _sweep_record(cache, "qwha", "gsm8k", lr, [mean] * 3)
+    found = decisive.heldout_results(render.Runs(cache.root), "smollm2-135m", 2)
+    assert set(found) == {("qwha", "gsm8k")} and decisive.select(found[("qwha", "gsm8k")]) == 7e-4
