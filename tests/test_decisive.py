@@ -70,6 +70,7 @@ def test_selection_picks_the_lowest_heldout_loss_and_the_best_baseline(tmp_path)
     assert sum("method=gptq_magr" in c for c in gsm) == 1
     assert [c for c in gsm if "method=qwha" in c] == [
         f"model=smollm2-135m budget=small method=qwha data=gsm8k bits=2 train.lr=0.0003 seed={s} "
+        "eval.perplexity.enabled=false "  # as the sweep: the sweep's init and fine-tune are reused
         "quant.cd_iters=auto"  # the Table 3 quantizer, so these rows pair with `make table3`'s
         for s in (0, 1, 2)
     ]
@@ -203,3 +204,26 @@ def test_swept_rates_off_the_recipe_stay_one_method(tmp_path, monkeypatch):
         _sweep_record(cache, "qwha", "gsm8k", lr, [mean] * 3)
     found = decisive.heldout_results(render.Runs(cache.root), "smollm2-135m", 2)
     assert set(found) == {("qwha", "gsm8k")} and decisive.select(found[("qwha", "gsm8k")]) == 7e-4
+
+
+def test_seed_zero_runs_reuse_the_sweeps_init_and_finetune(tmp_path):
+    """The seed-0 test run of a swept rate has the sweep run's init and fine-tune keys (only the eval
+    differs), so the campaign evaluates it without training again."""
+    import subprocess
+    import sys
+
+    def keys(args):
+        out = subprocess.run(
+            [sys.executable, "-m", "qwha", *args, "dry_run=true"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=decisive.ROOT,
+            env={**__import__("os").environ, "QWHA_CACHE_PATH": str(tmp_path)},
+        ).stdout
+        return {p[0]: p[1] for p in (line.split() for line in out.splitlines()) if len(p) >= 2}
+
+    sweep = decisive.run_args("smollm2-135m", "qwha", "gsm8k", 2, 6e-4) + list(decisive.SWEEP_EVAL)
+    test = decisive.run_args("smollm2-135m", "qwha", "gsm8k", 2, 6e-4, 0)
+    a, b = keys(sweep), keys(test)
+    assert a["init"] == b["init"] and a["finetune"] == b["finetune"] and a["eval"] != b["eval"]
