@@ -7,6 +7,7 @@ then the Table 3 runs at each method's own rate, with several seeds for QWHA and
     python experiments/decisive.py select --bits 2                                # from the archive
     python experiments/decisive.py seeds  --bits 2 --seeds 0,1,2 [--dry-run]
     python experiments/decisive.py sweep  --bits 2 --shard 2/2                    # a second worker (core)
+    python experiments/decisive.py report --bits 2                                # the test-set rows so far
 
 `make decisive BITS=2` / `make decisive BITS=4 METHODS=qwha,cloq SEEDS=0` run ``all``.
 
@@ -205,6 +206,81 @@ def seed_commands(
     return out
 
 
+def _run_lr(res: dict, runs: render.Runs) -> float | None:
+    """The learning rate the run was fine-tuned with (its fine-tune manifest), None for an untuned row."""
+    key = (res.get("upstream") or {}).get("finetune")
+    lr = ((runs.manifest("finetune", key).get("config") or {}).get("train") or {}).get("lr") if key else None
+    return None if lr is None else float(lr)
+
+
+def report(runs: render.Runs, model: str, bits: int) -> str:
+    """Markdown: the test-set rows of the campaign, each method at its chosen rate (seeds as replicates),
+    with n and 95% intervals, and each row's paired difference to QWHA on the same items.
+
+    Rows: the runs with test-suite results (not the sweep's) on the quantized model the sweep used, whose
+    fine-tune rate is the one ``select`` chose for their method; GPTQ alone on the same build."""
+    found = heldout_results(runs, model, bits)
+    lines = [
+        f"# The decisive comparison: {model}, {bits}-bit, each method at its own selected learning rate",
+        "",
+        "`experiments/decisive.py report` writes this file from the archived records. Rates: "
+        f"`lr_selection_{model}_{bits}bit.md`. {render.CELL_NOTE}",
+        "",
+    ]
+    for data in DATA:
+        chosen = {m: select(by_rate) for (m, d), by_rate in found.items() if d == data}
+        if not chosen:
+            continue
+        builds = {
+            (r.get("upstream") or {}).get("quantize")
+            for (m, d), by_rate in found.items()
+            if d == data
+            for r in by_rate.values()
+        }
+        suite, metrics = ("gsm8k", ("ppl", "em")) if data == "gsm8k" else ("csqa", ("csqa",))
+        rows: dict[str, list[dict]] = defaultdict(list)
+        for res in render.eval_runs(runs, model):
+            if suite not in res or res.get("data") != data or int(res.get("bits", -1)) != bits:
+                continue
+            if (res.get("upstream") or {}).get("quantize") not in builds:
+                continue
+            method, lr = res.get("_preset") or render._method(res), _run_lr(res, runs)
+            if method == "gptq_magr" and lr is None:
+                rows[method].append(res)
+            elif method in chosen and lr is not None and math.isclose(lr, chosen[method], rel_tol=1e-6):
+                rows[method].append(res)
+        for method, reps in rows.items():  # one result per seed (the newest)
+            by_seed = {}
+            for r in sorted(reps, key=lambda r: r.get("_created", 0)):
+                by_seed[r.get("seed")] = r
+            rows[method] = list(by_seed.values())
+        names = {"ppl": "GSM8K answer ppl", "em": "GSM8K EM", "csqa": "CSQA avg"}
+        head = "| method | lr | seeds | " + " | ".join(f"{names[m]} | Δ {names[m]} vs qwha" for m in metrics)
+        lines += [
+            f"## {data}-style fine-tuning",
+            "",
+            head + " |",
+            "|---|---|---|" + "---|---|" * len(metrics),
+        ]
+        order = ["gptq_magr", REFERENCE] + sorted(m for m in rows if m not in ("gptq_magr", REFERENCE))
+        for method in (m for m in order if m in rows):
+            reps = rows[method]
+            cells = []
+            for metric in metrics:
+                cells.append(render.fmt_cell(render.estimate_cell(reps, metric), metric))
+                ref = rows.get(REFERENCE, [])
+                diff = render.difference_cell(reps, ref, metric) if method != REFERENCE else None
+                cells.append("–" if diff is None else render.fmt_cell(diff, metric, signed=True))
+            lr = "–" if method == "gptq_magr" else _lr(chosen[method])
+            seeds = ",".join(str(r.get("seed")) for r in reps) if method != "gptq_magr" else "–"
+            lines.append(f"| {method} | {lr} | {seeds} | " + " | ".join(cells) + " |")
+        missing = sorted(set(chosen) - set(rows))
+        if missing:
+            lines += ["", f"Not yet evaluated on the test items at their chosen rate: {', '.join(missing)}."]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def eval_key(args: list[str], cache: Path) -> str:
     """The eval stage's key of one command (``dry_run=true``: composes and hashes, computes nothing)."""
     out = subprocess.run(
@@ -242,7 +318,7 @@ def _run_all(commands: list[list[str]], cache: Path, dry_run: bool, runs: Path =
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("sweep", "select", "seeds", "all"))
+    ap.add_argument("step", choices=("sweep", "select", "seeds", "report", "all"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -280,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(not math.isfinite(f) or f <= 0 for f in factors):
         ap.error(f"--factors={args.factors}: positive numbers")
     cache = Path(args.cache)
+    if args.step == "report":
+        text = report(render.Runs(args.runs), args.model, args.bits)
+        (Path(args.runs).parent / f"decisive_{args.model}_{args.bits}bit.md").write_text(text)
+        print(text)
+        return 0
     if args.step in ("sweep", "all"):
         _run_all(
             shard(sweep_commands(args.model, args.bits, methods, data_sets, factors)),

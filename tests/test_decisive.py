@@ -227,3 +227,46 @@ def test_seed_zero_runs_reuse_the_sweeps_init_and_finetune(tmp_path):
     test = decisive.run_args("smollm2-135m", "qwha", "gsm8k", 2, 6e-4, 0)
     a, b = keys(sweep), keys(test)
     assert a["init"] == b["init"] and a["finetune"] == b["finetune"] and a["eval"] != b["eval"]
+
+
+def test_report_rows_are_each_method_at_its_chosen_rate_on_the_sweeps_build(tmp_path):
+    """``report`` keeps, per method, the test-suite runs fine-tuned at the chosen rate on the quantized
+    model the sweep used, plus GPTQ alone on it; another rate or another build stays out."""
+    cache = StageCache(tmp_path / "c")
+    for lr, mean in ((1e-4, 12.0), (3e-4, 9.0)):
+        _sweep_record(cache, "qwha", "gsm8k", lr, [mean] * 3)
+    for lr, mean in ((1e-4, 10.0), (3e-4, 11.0)):
+        _sweep_record(cache, "cloq", "gsm8k", lr, [mean] * 3)
+
+    def test_run(method, lr, correct, build=None):
+        name = f"{method}-{lr}-{build}"
+        ft = None
+        if lr is not None:
+            ft = cache.build("finetune", name, lambda out: {}, config={"train": {"lr": lr}}, upstream={}).key
+        res = {
+            "model": "smollm2-135m",
+            "target": "finetune",
+            "bits": 2,
+            "seed": 0,
+            "method_name": method,
+            "data": "gsm8k",
+            "gsm8k": {"exact_match": correct / 50, "correct": correct, "n": 50},
+            "upstream": {"quantize": build, **({"finetune": ft} if ft else {})},
+        }
+
+        def fn(out):
+            (out / "results.json").write_text(json.dumps(res))
+            return {}
+
+        cache.build("eval", f"t-{name}", fn, config={"k": name}, upstream={})
+
+    test_run("gptq_magr", None, 1)
+    test_run("qwha", 3e-4, 5)
+    test_run("qwha", 1e-4, 40)  # not the chosen rate
+    test_run("cloq", 1e-4, 3)
+    test_run("cloq", 1e-4, 45, build="other")  # another quantized model
+    text = decisive.report(render.Runs(cache.root), "smollm2-135m", 2)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| gptq_magr", "| qwha", "| cloq"]
+    assert "1/50" in rows[0] and "5/50" in rows[1] and "3/50" in rows[2]
+    assert "| 0.0003 | 0 |" in rows[1] and "| 0.0001 | 0 |" in rows[2]
