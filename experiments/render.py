@@ -136,8 +136,15 @@ def archive(cache: Runs | Path, dest: Path) -> int:
 
     n = 0
     for stage in STAGES:
-        for path, _ in Runs(cache).complete(stage):
+        for path, info in Runs(cache).complete(stage):
             target = dest / stage / path.name
+            kept = target / "manifest.json"
+            if kept.is_file():
+                old = json.loads(kept.read_text())
+                if old.get("status") == "complete" and build_id(old) == build_id(info):
+                    # the same build made again (same files): the archived record stays, so that records
+                    # made on it before, which date their upstream by time, stay consistent
+                    continue
             target.mkdir(parents=True, exist_ok=True)
             for name in RECORD_FILES:
                 if (path / name).is_file():

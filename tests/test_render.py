@@ -414,3 +414,26 @@ def test_unpaired_differences_from_aggregates(metric):
         expected = (-half, half)
     cell = render.difference_cell([a], [b], metric)
     assert cell.ci == pytest.approx(expected, abs=6e-5) and "unpaired" in cell.note
+
+
+def test_archiving_a_rebuilt_identical_upstream_keeps_older_records_valid(cache_root, tmp_path):
+    """The same upstream built again (same key, same files, a later date) must not replace the archived
+    record: older downstream records date their upstream by time and would all be dropped."""
+    cache = StageCache(cache_root)
+    gsm = {"gsm8k": {"exact_match": 0.04, "correct": 2, "n": 50}}
+    keys = _fake_pipeline(cache, ["method=qwha", "bits=4"], {"layer_error_relative": 0.5}, gsm)
+    runs_dir = tmp_path / "runs"
+    render.archive(cache_root, runs_dir)
+    for stage in ("finetune", "eval", "init", "quantize"):  # old-style downstream records: no build ids
+        m = runs_dir / stage / keys[stage] / "manifest.json"
+        info = json.loads(m.read_text())
+        info.pop("upstream_builds", None)
+        m.write_text(json.dumps(info))
+    before = (runs_dir / "base" / keys["base"] / "manifest.json").read_text()
+    rebuilt = cache_root / "base" / keys["base"] / "manifest.json"
+    info = json.loads(rebuilt.read_text())
+    info["created"] = "2099-01-01T00:00:00+0000"  # the rebuild, later than every record above
+    rebuilt.write_text(json.dumps(info))
+    render.archive(cache_root, runs_dir)
+    assert (runs_dir / "base" / keys["base"] / "manifest.json").read_text() == before
+    assert len(render.eval_runs(render.Runs(runs_dir), "smollm2-135m")) == 1
