@@ -31,6 +31,7 @@ did and a rerun skips cached stages. ``all`` ends by rendering Table 3.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -213,12 +214,55 @@ def _run_lr(res: dict, runs: render.Runs) -> float | None:
     return None if lr is None else float(lr)
 
 
+def _per_seed(rows: dict[str, list[dict]], metrics, names: dict[str, str]) -> list[str]:
+    """Markdown lines: for each method run at several seeds, its paired difference to QWHA seed by seed
+    (the two runs of a seed share its quantized model and its items), so the seeds' spread shows beside
+    the pooled interval."""
+    ref = {r.get("seed"): r for r in rows.get(REFERENCE, [])}
+    lines = []
+    for method in sorted(m for m in rows if m not in ("gptq_magr", REFERENCE)):
+        seeds = [r.get("seed") for r in rows[method] if r.get("seed") in ref]
+        if len(seeds) < 2:
+            continue
+        if not lines:
+            lines = [
+                "",
+                "Per seed (each seed's runs share its quantized model: calibration windows re-drawn):",
+                "",
+                "| method | seed | " + " | ".join(f"Δ {names[m]} vs qwha" for m in metrics) + " |",
+                "|---|---|" + "---|" * len(metrics),
+            ]
+        for r in rows[method]:
+            if r.get("seed") not in ref:
+                continue
+            cells = [
+                render.fmt_cell(render.difference_cell([r], [ref[r.get("seed")]], m), m, signed=True)
+                for m in metrics
+            ]
+            lines.append(f"| {method} | {r.get('seed')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _quantizer(runs: render.Runs, key: str | None) -> str:
+    """What a quantized-model build is, less its calibration seed: the quantizer's config, the base model
+    and the calibration config without ``seed``. Another seed of a run re-draws its calibration windows and
+    so quantizes anew; its build differs but its quantizer is the same. A build with no record: its key."""
+    info = runs.manifest("quantize", key) if key else {}
+    if not info:
+        return f"build {key}"
+    up = info.get("upstream") or {}
+    calib = dict((runs.manifest("calib", up.get("calib")) or {}).get("config") or {})
+    calib.pop("seed", None)
+    return json.dumps([info.get("config"), up.get("base"), calib], sort_keys=True)
+
+
 def report(runs: render.Runs, model: str, bits: int) -> str:
     """Markdown: the test-set rows of the campaign, each method at its chosen rate (seeds as replicates),
     with n and 95% intervals, and each row's paired difference to QWHA on the same items.
 
-    Rows: the runs with test-suite results (not the sweep's) on the quantized model the sweep used, whose
-    fine-tune rate is the one ``select`` chose for their method; GPTQ alone on the same build."""
+    Rows: the runs with test-suite results (not the sweep's) made with the sweep's quantizer (any
+    calibration seed: a seed re-draws the calibration windows, see :func:`_quantizer`), whose fine-tune
+    rate is the one ``select`` chose for their method; GPTQ alone likewise."""
     found = heldout_results(runs, model, bits)
     lines = [
         f"# The decisive comparison: {model}, {bits}-bit, each method at its own selected learning rate",
@@ -231,8 +275,8 @@ def report(runs: render.Runs, model: str, bits: int) -> str:
         chosen = {m: select(by_rate) for (m, d), by_rate in found.items() if d == data}
         if not chosen:
             continue
-        builds = {
-            (r.get("upstream") or {}).get("quantize")
+        quantizers = {
+            _quantizer(runs, (r.get("upstream") or {}).get("quantize"))
             for (m, d), by_rate in found.items()
             if d == data
             for r in by_rate.values()
@@ -242,7 +286,7 @@ def report(runs: render.Runs, model: str, bits: int) -> str:
         for res in render.eval_runs(runs, model):
             if suite not in res or res.get("data") != data or int(res.get("bits", -1)) != bits:
                 continue
-            if (res.get("upstream") or {}).get("quantize") not in builds:
+            if _quantizer(runs, (res.get("upstream") or {}).get("quantize")) not in quantizers:
                 continue
             method, lr = res.get("_preset") or render._method(res), _run_lr(res, runs)
             if method == "gptq_magr" and lr is None:
@@ -274,6 +318,7 @@ def report(runs: render.Runs, model: str, bits: int) -> str:
             lr = "–" if method == "gptq_magr" else _lr(chosen[method])
             seeds = ",".join(str(r.get("seed")) for r in reps) if method != "gptq_magr" else "–"
             lines.append(f"| {method} | {lr} | {seeds} | " + " | ".join(cells) + " |")
+        lines += _per_seed(rows, metrics, names)
         missing = sorted(set(chosen) - set(rows))
         if missing:
             lines += ["", f"Not yet evaluated on the test items at their chosen rate: {', '.join(missing)}."]

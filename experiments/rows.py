@@ -16,6 +16,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from qwha.stages.quantize import OMITTED_AT
+
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # (stage record, config path, short name in a label). Dropout, scale and alpha do not change what an
 # init computes (values are stored as c/s) but do change training, so they are compared for trained rows.
@@ -41,9 +43,6 @@ ADAPTER_FIELDS = (
 PER_DATA = ("lr", "mask_prompt")
 TABLE3_QUANT = ("quant.cd_iters=auto",)  # keep equal to conf/experiment/table3.yaml's quant block
 Manifest = Callable[[str, str], dict]
-# Quantizer keys that the quantize stage's record omits when they hold these values (its key stays the
-# one from before the keys existed); an absent key means this value.
-QUANT_OMITTED = {"magr_solver": "ista", "cd_iters": 0}
 
 
 @lru_cache(maxsize=256)
@@ -109,8 +108,8 @@ def differences(method: str, model: str, bits: int, data: str, recorded: dict[st
     quant_old = recorded.get("quantize", {}).get("quant")
     if quant_old is not None:
         for key, new in (preset.get("quant") or {}).items():
-            # a key the quantize stage leaves out of its record at its default (qwha/stages/quantize.py)
-            old = quant_old.get(key, QUANT_OMITTED.get(key))
+            # a key the quantize stage leaves out of its record at its default
+            old = quant_old.get(key, OMITTED_AT.get(key))
             if key in ("bits", "group_size") or (old is None and not new):
                 continue  # bits/group size are the row's coordinates; an absent key that is off now is equal
             if not _same(old, new):

@@ -270,3 +270,93 @@ def test_report_rows_are_each_method_at_its_chosen_rate_on_the_sweeps_build(tmp_
     assert [r.split(" | ")[0] for r in rows] == ["| gptq_magr", "| qwha", "| cloq"]
     assert "1/50" in rows[0] and "5/50" in rows[1] and "3/50" in rows[2]
     assert "| 0.0003 | 0 |" in rows[1] and "| 0.0001 | 0 |" in rows[2]
+
+
+def test_report_pools_seeds_made_with_the_sweeps_quantizer_and_pairs_them_seed_by_seed(tmp_path):
+    """A seed re-draws the calibration windows, so seed 1 quantizes anew: its runs join the rows (the
+    quantizer and calibration config match the sweep's but for the seed); a build made with another
+    quantizer config stays out. With two seeds each, the pooled row says n=3x2 and each seed's paired
+    difference (its own build and items) is listed: here CLoQ scores 1 more correct answer at seed 0 and
+    the same at seed 1 (hand-worked: +1/3 and 0 of 3 items)."""
+    cache = StageCache(tmp_path / "c")
+
+    def build(seed, group_size=64):
+        calib = cache.build(
+            "calib", f"cal{seed}", lambda out: {}, config={"n": 32, "seed": seed, "length": 512}, upstream={}
+        ).key
+        return cache.build(
+            "quantize",
+            f"q{seed}-{group_size}",
+            lambda out: {},
+            config={"quant": {"bits": 2, "group_size": group_size}},
+            upstream={"calib": calib},
+        ).key
+
+    sweep_build = build(0)
+    for method, lr in (("qwha", 3e-4), ("cloq", 1e-4)):
+        cache.build(
+            "eval",
+            f"sweep-{method}",
+            _sweep_result(method, lr, sweep_build),
+            config={"k": method},
+            upstream={"quantize": sweep_build},
+        )
+
+    def test_run(method, lr, seed, correct, quant):
+        name = f"{method}-{seed}-{quant}"
+        ft = cache.build("finetune", name, lambda out: {}, config={"train": {"lr": lr}}, upstream={}).key
+        res = {
+            "model": "smollm2-135m",
+            "target": "finetune",
+            "bits": 2,
+            "seed": seed,
+            "method_name": method,
+            "data": "gsm8k",
+            "gsm8k": {"exact_match": sum(correct) / 3, "correct": sum(correct), "n": 3},
+            "records": {"gsm8k": records_file("gsm8k")},
+            "upstream": {"quantize": quant, "finetune": ft},
+        }
+
+        def fn(out):
+            write_records(
+                out / records_file("gsm8k"),
+                [{"id": i, "correct": bool(c), "nll": 1.0, "tokens": 1} for i, c in enumerate(correct)],
+            )
+            (out / "results.json").write_text(json.dumps(res))
+            return {}
+
+        cache.build("eval", f"t-{name}", fn, config={"k": name}, upstream={"quantize": quant, "finetune": ft})
+
+    seed1_build = build(1)
+    test_run("qwha", 3e-4, 0, [1, 0, 0], sweep_build)
+    test_run("cloq", 1e-4, 0, [1, 1, 0], sweep_build)
+    test_run("qwha", 3e-4, 1, [0, 1, 0], seed1_build)
+    test_run("cloq", 1e-4, 1, [0, 1, 0], seed1_build)
+    test_run("cloq", 1e-4, 2, [1, 1, 1], build(2, group_size=128))  # another quantizer: out
+    text = decisive.report(render.Runs(cache.root), "smollm2-135m", 2)
+    cloq = [line for line in text.splitlines() if line.startswith("| cloq | ")]
+    assert len(cloq) == 3  # the pooled row, then one per seed
+    assert "| 0.0001 | 0,1 |" in cloq[0] and "n=3×2" in cloq[0]
+    per_seed = cloq[1:]
+    assert "+33.3" in per_seed[0] and "| cloq | 0 |" in per_seed[0]
+    assert "| cloq | 1 | +0.0" in per_seed[1]
+
+
+def _sweep_result(method, lr, quant):
+    def fn(out):
+        write_records(out / records_file("heldout"), [{"id": 0, "nll": 10.0, "tokens": 10}])
+        res = {
+            "model": "smollm2-135m",
+            "target": "finetune",
+            "bits": 2,
+            "seed": 0,
+            "method_name": method,
+            "data": "gsm8k",
+            "train_heldout": {"nll": 1.0, "ppl": math.e, "tokens": 10, "n": 1, "lr": lr},
+            "records": {"heldout": records_file("heldout")},
+            "upstream": {"quantize": quant},
+        }
+        (out / "results.json").write_text(json.dumps(res))
+        return {}
+
+    return fn

@@ -24,17 +24,21 @@ def upstream(cfg: DictConfig) -> list[str]:
     return ["base"] if cfg.quant.method == "none" else ["base", "calib"]
 
 
+# Quantizer keys that came later, left out of the key (and the record) at these values so that the key
+# names the same models as before the keys existed; a record without one of them means this value.
+# `cd_damp` only matters with coordinate-descent sweeps, so it goes with `cd_iters`.
+OMITTED_AT = {"magr_solver": "ista", "cd_iters": 0}
+
+
 def key_config(cfg: DictConfig) -> dict:
     # The model is quantized in model.dtype, and the artifact reports held-out perplexity (always computed
     # here): the perplexity settings and the resolved held-out text are part of the key.
     quant = OmegaConf.to_container(cfg.quant, resolve=True)
-    # `magr_solver` came later: the paper's `ista` is left out of the key, as are the coordinate-descent
-    # settings when no sweep runs, so that they name the same models as before those keys existed.
-    if quant.get("magr_solver", "ista") == "ista":
-        quant.pop("magr_solver", None)
-    if quant.get("cd_iters", 0) == 0:
-        quant.pop("cd_iters", None)
-        quant.pop("cd_damp", None)
+    for name, value in OMITTED_AT.items():
+        if quant.get(name, value) == value:
+            quant.pop(name, None)
+            if name == "cd_iters":
+                quant.pop("cd_damp", None)
     p = cfg.eval.perplexity
     return {
         "quant": quant,
