@@ -293,11 +293,11 @@ def report(runs: render.Runs, model: str, bits: int) -> str:
                 rows[method].append(res)
             elif method in chosen and lr is not None and math.isclose(lr, chosen[method], rel_tol=1e-6):
                 rows[method].append(res)
-        for method, reps in rows.items():  # one result per seed (the newest)
+        for method, reps in rows.items():  # one result per seed: per-item records, most items, newest
             by_seed = {}
-            for r in sorted(reps, key=lambda r: r.get("_created", 0)):
+            for r in sorted(reps, key=lambda r: render._preference(r, suite)):
                 by_seed[r.get("seed")] = r
-            rows[method] = list(by_seed.values())
+            rows[method] = [by_seed[s] for s in sorted(by_seed, key=str)]
         names = {"ppl": "GSM8K answer ppl", "em": "GSM8K EM", "csqa": "CSQA avg"}
         head = "| method | lr | seeds | " + " | ".join(f"{names[m]} | Δ {names[m]} vs qwha" for m in metrics)
         lines += [

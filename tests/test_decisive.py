@@ -275,7 +275,8 @@ def test_report_rows_are_each_method_at_its_chosen_rate_on_the_sweeps_build(tmp_
 def test_report_pools_seeds_made_with_the_sweeps_quantizer_and_pairs_them_seed_by_seed(tmp_path):
     """A seed re-draws the calibration windows, so seed 1 quantizes anew: its runs join the rows (the
     quantizer and calibration config match the sweep's but for the seed); a build made with another
-    quantizer config stays out. With two seeds each, the pooled row says n=3x2 and each seed's paired
+    quantizer config stays out, and a newer run of a seed that scored fewer items does not displace the
+    seed's full run. With two seeds each, the pooled row says n=3x2 and each seed's paired
     difference (its own build and items) is listed: here CLoQ scores 1 more correct answer at seed 0 and
     the same at seed 1 (hand-worked: +1/3 and 0 of 3 items)."""
     cache = StageCache(tmp_path / "c")
@@ -302,8 +303,8 @@ def test_report_pools_seeds_made_with_the_sweeps_quantizer_and_pairs_them_seed_b
             upstream={"quantize": sweep_build},
         )
 
-    def test_run(method, lr, seed, correct, quant):
-        name = f"{method}-{seed}-{quant}"
+    def test_run(method, lr, seed, correct, quant, tag=""):
+        name = f"{method}-{seed}-{quant}{tag}"
         ft = cache.build("finetune", name, lambda out: {}, config={"train": {"lr": lr}}, upstream={}).key
         res = {
             "model": "smollm2-135m",
@@ -312,7 +313,7 @@ def test_report_pools_seeds_made_with_the_sweeps_quantizer_and_pairs_them_seed_b
             "seed": seed,
             "method_name": method,
             "data": "gsm8k",
-            "gsm8k": {"exact_match": sum(correct) / 3, "correct": sum(correct), "n": 3},
+            "gsm8k": {"exact_match": sum(correct) / len(correct), "correct": sum(correct), "n": len(correct)},
             "records": {"gsm8k": records_file("gsm8k")},
             "upstream": {"quantize": quant, "finetune": ft},
         }
@@ -333,6 +334,7 @@ def test_report_pools_seeds_made_with_the_sweeps_quantizer_and_pairs_them_seed_b
     test_run("qwha", 3e-4, 1, [0, 1, 0], seed1_build)
     test_run("cloq", 1e-4, 1, [0, 1, 0], seed1_build)
     test_run("cloq", 1e-4, 2, [1, 1, 1], build(2, group_size=128))  # another quantizer: out
+    test_run("cloq", 1e-4, 1, [1], seed1_build, tag="-short")  # newer, fewer items: not the seed's record
     text = decisive.report(render.Runs(cache.root), "smollm2-135m", 2)
     cloq = [line for line in text.splitlines() if line.startswith("| cloq | ")]
     assert len(cloq) == 3  # the pooled row, then one per seed
