@@ -419,19 +419,28 @@ def _builds(replicates: list[dict]) -> set:
 def difference_cell(replicates: list[dict], reference: list[dict], metric: str) -> Cell:
     """``metric(row) - metric(reference)`` with a 95% interval: paired over the items both scored (a
     bootstrap drawing the same items for both, seeds resampled per row) when both kept per-item records
-    and were evaluated on the same quantized-model builds; else, from single-seed aggregates, an unpaired
+    and were evaluated on the same quantized-model builds (where one row ran more seeds, on the builds
+    both ran, the others left out and the cell says so); else, from single-seed aggregates, an unpaired
     interval (Newcombe for exact match, normal for the CSQA average); else none."""
     if not replicates or not reference:
         return Cell()
     mine, theirs = _per_item(replicates, metric), _per_item(reference, metric)
     if mine is not None and theirs is not None:
-        if _builds(replicates) != _builds(reference) or (None, None) in _builds(replicates):
+        shared = (_builds(replicates) & _builds(reference)) - {(None, None)}
+        if not shared:
             return Cell(note="not paired: another quantized-model build")
+        note = "paired"
+        if shared != _builds(replicates) or shared != _builds(reference):
+            # seeds quantize anew: pair the seeds both rows ran (same quantized models), drop the rest
+            replicates = [r for r in replicates if r.get("_quant_build", (None, None)) in shared]
+            reference = [r for r in reference if r.get("_quant_build", (None, None)) in shared]
+            mine, theirs = _per_item(replicates, metric), _per_item(reference, metric)
+            note = "on the shared quantized builds only"
         keys = _common(mine, theirs)
         if not keys:
             return Cell(note="no common items")
         est, ci = stats.paired_bootstrap_difference(_arm(mine, keys, metric), _arm(theirs, keys, metric))
-        return Cell(est, ci, len(keys), max(len(mine), len(theirs)), note="paired")
+        return Cell(est, ci, len(keys), max(len(mine), len(theirs)), note=note)
     if len(replicates) > 1 or len(reference) > 1:
         return Cell(note=NO_ITEMS)
     (e1, _, x1), (e2, _, x2) = _aggregate(replicates[0], metric), _aggregate(reference[0], metric)
@@ -502,8 +511,10 @@ CELL_NOTE = (
     "over documents within tasks; answer perplexity exp(sum nll / sum tokens): bootstrap over questions; "
     "with several seeds the bootstrap also resamples seeds. Δ vs qwha: the row minus the qwha row of its "
     "bit width on the same items (paired bootstrap; rows evaluated on different quantized-model builds are "
-    f"not paired). {FROM_AGGREGATES}: a run from before per-item records were kept: interval from its "
-    "aggregates (Wilson from k/n; CSQA: normal from each task's accuracy and n), differences unpaired; "
+    "not paired; a seed quantizes anew, so where one row ran more seeds, only the seeds both ran are paired, "
+    f"'on the shared quantized builds only'). {FROM_AGGREGATES}: a run from before per-item records were "
+    "kept: interval from its aggregates (Wilson from k/n; CSQA: normal from each task's accuracy and n), "
+    "differences unpaired; "
     f"'{NO_ITEMS}': nothing derivable (a perplexity); 'other questions': the two rows scored different "
     "GSM8K questions (older untuned rows kept the 100 template questions that tuned rows leave out)."
 )

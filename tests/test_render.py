@@ -382,6 +382,20 @@ def test_seeds_are_replicates(cache_root):
     assert c[5].startswith("+0.0 [") and c[5].endswith(" n=4×2")
 
 
+def test_a_row_with_more_seeds_is_paired_on_the_seeds_both_ran(cache_root):
+    """QWHA at seeds 0 and 1, CLoQ at seed 1 only: each seed quantizes anew, so the difference pairs CLoQ
+    with QWHA's seed-1 run alone (hand-worked: 3/4 - 1/4 = +50 points on the same 4 items) and says so;
+    pooling QWHA's seed 0 (2/4) in would have given +37.5."""
+    cache = StageCache(cache_root)
+    for seed, corr in ((0, [1, 1, 0, 0]), (1, [1, 0, 0, 0])):
+        res, recs = _gsm_records(corr, [1.0] * 4, [5] * 4)
+        _fake_pipeline(cache, ["method=qwha", "bits=2", f"seed={seed}"], {}, res, {"gsm8k": recs})
+    res, recs = _gsm_records([1, 1, 1, 0], [1.0] * 4, [5] * 4)
+    _fake_pipeline(cache, ["method=cloq", "bits=2", "seed=1"], {}, res, {"gsm8k": recs})
+    c = _row(render.table3(cache_root, "smollm2-135m"), "cloq", 2)
+    assert c[5].startswith("+50.0 [") and c[5].endswith(" n=4, on the shared quantized builds only")
+
+
 def test_archive_copies_item_records_and_a_damaged_one_is_left_out(cache_root, tmp_path, capsys):
     cache = StageCache(cache_root)
     res, recs = _gsm_records([1, 0, 0, 0], [1.0, 2.0, 3.0, 4.0], [5] * 4)
