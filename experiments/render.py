@@ -95,7 +95,8 @@ class Runs:
 
         A manifest names the build of each upstream artifact it read (``upstream_builds``, a hash of that
         artifact's file checksums). Older manifests lack it; for them an upstream record created after the
-        record itself cannot be the one it read. An upstream with no record here is not held against it."""
+        record itself cannot be the one it read (dated by the earliest record of the same build in any root).
+        An upstream with no record here is not held against it."""
         seen = {} if _seen is None else _seen
         builds = info.get("upstream_builds")
         for stage, key in info.get("upstream", {}).items():
@@ -105,7 +106,7 @@ class Runs:
             if builds is not None and stage in builds:
                 if builds[stage] != build_id(up):
                     return False
-            elif _created(up) > _created(info):
+            elif self._first_created(stage, key, up) > _created(info):
                 return False
             if (stage, key) not in seen:
                 seen[(stage, key)] = True  # guards the recursion; replaced by the answer below
@@ -113,6 +114,13 @@ class Runs:
             if not seen[(stage, key)]:
                 return False
         return True
+
+    def _first_created(self, stage: str, key: str, up: dict) -> float:
+        """When the build ``up`` of (stage, key) first existed: the earliest ``created`` of the records of
+        that key with the same files in any root (a byte-identical rebuild in the cache, dated later,
+        does not make the records built on the archived one look newer than their upstream)."""
+        same = build_id(up)
+        return min(_created(i) for _, i in self._candidates(stage, key) if build_id(i) == same)
 
     def folder(self, stage: str, key: str) -> Path | None:
         return next((path for path, _ in self._candidates(stage, key)), None)
