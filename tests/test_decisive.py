@@ -12,8 +12,30 @@ from qwha.cache import StageCache
 from qwha.eval.records import records_file, write_records
 
 
-def _sweep_record(cache: StageCache, method: str, data: str, lr: float, nll: list[float], seed: int = 0):
-    """An eval artifact as a sweep run leaves it: ``train_heldout`` aggregates and per-record losses."""
+def _result_head(method: str, data: str, seed: int) -> dict:
+    """The fields every fake eval result here shares: a fine-tuned SmolLM2 run at 2 bits."""
+    return {
+        "model": "smollm2-135m",
+        "target": "finetune",
+        "bits": 2,
+        "seed": seed,
+        "method_name": method,
+        "data": data,
+    }
+
+
+def _sweep_record(
+    cache: StageCache,
+    method: str,
+    data: str,
+    lr: float,
+    nll: list[float],
+    seed: int = 0,
+    quant: str | None = None,
+):
+    """An eval artifact as a sweep run leaves it: ``train_heldout`` aggregates and per-record losses (on
+    quantized build ``quant`` where given)."""
+    upstream = {"quantize": quant} if quant else {}
     tokens = [10] * len(nll)
 
     def fn(out):
@@ -23,20 +45,16 @@ def _sweep_record(cache: StageCache, method: str, data: str, lr: float, nll: lis
         )
         h = sum(nll) / sum(tokens)
         res = {
-            "model": "smollm2-135m",
-            "target": "finetune",
-            "bits": 2,
-            "seed": seed,
-            "method_name": method,
-            "data": data,
+            **_result_head(method, data, seed),
             "train_heldout": {"nll": h, "ppl": math.exp(h), "tokens": sum(tokens), "n": len(nll), "lr": lr},
             "records": {"heldout": records_file("heldout")},
+            "upstream": upstream,
         }
         (out / "results.json").write_text(json.dumps(res))
         return {}
 
     key = f"{method}-{data}-{lr:g}-{seed}"
-    cache.build("eval", key, fn, config={"k": key}, upstream={})
+    cache.build("eval", key, fn, config={"k": key}, upstream=upstream)
 
 
 def _campaign(root) -> StageCache:
@@ -239,26 +257,7 @@ def test_report_rows_are_each_method_at_its_chosen_rate_on_the_sweeps_build(tmp_
         _sweep_record(cache, "cloq", "gsm8k", lr, [mean] * 3)
 
     def test_run(method, lr, correct, build=None):
-        name = f"{method}-{lr}-{build}"
-        ft = None
-        if lr is not None:
-            ft = cache.build("finetune", name, lambda out: {}, config={"train": {"lr": lr}}, upstream={}).key
-        res = {
-            "model": "smollm2-135m",
-            "target": "finetune",
-            "bits": 2,
-            "seed": 0,
-            "method_name": method,
-            "data": "gsm8k",
-            "gsm8k": {"exact_match": correct / 50, "correct": correct, "n": 50},
-            "upstream": {"quantize": build, **({"finetune": ft} if ft else {})},
-        }
-
-        def fn(out):
-            (out / "results.json").write_text(json.dumps(res))
-            return {}
-
-        cache.build("eval", f"t-{name}", fn, config={"k": name}, upstream={})
+        _test_eval(cache, method, lr, 0, build, correct)
 
     test_run("gptq_magr", None, 1)
     test_run("qwha", 3e-4, 5)
@@ -295,38 +294,10 @@ def test_report_pools_seeds_made_with_the_sweeps_quantizer_and_pairs_them_seed_b
 
     sweep_build = build(0)
     for method, lr in (("qwha", 3e-4), ("cloq", 1e-4)):
-        cache.build(
-            "eval",
-            f"sweep-{method}",
-            _sweep_result(method, lr, sweep_build),
-            config={"k": method},
-            upstream={"quantize": sweep_build},
-        )
+        _sweep_record(cache, method, "gsm8k", lr, [10.0], quant=sweep_build)
 
     def test_run(method, lr, seed, correct, quant, tag=""):
-        name = f"{method}-{seed}-{quant}{tag}"
-        ft = cache.build("finetune", name, lambda out: {}, config={"train": {"lr": lr}}, upstream={}).key
-        res = {
-            "model": "smollm2-135m",
-            "target": "finetune",
-            "bits": 2,
-            "seed": seed,
-            "method_name": method,
-            "data": "gsm8k",
-            "gsm8k": {"exact_match": sum(correct) / len(correct), "correct": sum(correct), "n": len(correct)},
-            "records": {"gsm8k": records_file("gsm8k")},
-            "upstream": {"quantize": quant, "finetune": ft},
-        }
-
-        def fn(out):
-            write_records(
-                out / records_file("gsm8k"),
-                [{"id": i, "correct": bool(c), "nll": 1.0, "tokens": 1} for i, c in enumerate(correct)],
-            )
-            (out / "results.json").write_text(json.dumps(res))
-            return {}
-
-        cache.build("eval", f"t-{name}", fn, config={"k": name}, upstream={"quantize": quant, "finetune": ft})
+        _test_eval(cache, method, lr, seed, quant, correct, tag)
 
     seed1_build = build(1)
     test_run("qwha", 3e-4, 0, [1, 0, 0], sweep_build)
@@ -344,21 +315,30 @@ def test_report_pools_seeds_made_with_the_sweeps_quantizer_and_pairs_them_seed_b
     assert "| cloq | 1 | +0.0" in per_seed[1]
 
 
-def _sweep_result(method, lr, quant):
+def _test_eval(cache: StageCache, method, lr, seed, quant, correct, tag=""):
+    """A test-suite eval artifact on quantized build ``quant``, fine-tuned at ``lr`` (None: GPTQ alone).
+    ``correct``: a count of 50 (aggregates only) or a list of 0/1 per question (per-item records too)."""
+    name = f"{method}-{lr}-{seed}-{quant}{tag}"
+    ft = None
+    if lr is not None:
+        ft = cache.build("finetune", name, lambda out: {}, config={"train": {"lr": lr}}, upstream={}).key
+    items = correct if isinstance(correct, list) else None
+    k, n = (sum(items), len(items)) if items is not None else (correct, 50)
+    upstream = {k: v for k, v in (("quantize", quant), ("finetune", ft)) if v}
+    res = {
+        **_result_head(method, "gsm8k", seed),
+        "gsm8k": {"exact_match": k / n, "correct": k, "n": n},
+        "upstream": upstream,
+        **({"records": {"gsm8k": records_file("gsm8k")}} if items is not None else {}),
+    }
+
     def fn(out):
-        write_records(out / records_file("heldout"), [{"id": 0, "nll": 10.0, "tokens": 10}])
-        res = {
-            "model": "smollm2-135m",
-            "target": "finetune",
-            "bits": 2,
-            "seed": 0,
-            "method_name": method,
-            "data": "gsm8k",
-            "train_heldout": {"nll": 1.0, "ppl": math.e, "tokens": 10, "n": 1, "lr": lr},
-            "records": {"heldout": records_file("heldout")},
-            "upstream": {"quantize": quant},
-        }
+        if items is not None:
+            write_records(
+                out / records_file("gsm8k"),
+                [{"id": i, "correct": bool(c), "nll": 1.0, "tokens": 1} for i, c in enumerate(items)],
+            )
         (out / "results.json").write_text(json.dumps(res))
         return {}
 
-    return fn
+    cache.build("eval", f"t-{name}", fn, config={"k": name}, upstream=upstream)
