@@ -282,22 +282,18 @@ def report(runs: render.Runs, model: str, bits: int) -> str:
             for r in by_rate.values()
         }
         suite, metrics = ("gsm8k", ("ppl", "em")) if data == "gsm8k" else ("csqa", ("csqa",))
-        rows: dict[str, list[dict]] = defaultdict(list)
+        kept = []
         for res in render.eval_runs(runs, model):
             if suite not in res or res.get("data") != data or int(res.get("bits", -1)) != bits:
                 continue
             if _quantizer(runs, (res.get("upstream") or {}).get("quantize")) not in quantizers:
                 continue
             method, lr = res.get("_preset") or render._method(res), _run_lr(res, runs)
-            if method == "gptq_magr" and lr is None:
-                rows[method].append(res)
-            elif method in chosen and lr is not None and math.isclose(lr, chosen[method], rel_tol=1e-6):
-                rows[method].append(res)
-        for method, reps in rows.items():  # one result per seed: per-item records, most items, newest
-            by_seed = {}
-            for r in sorted(reps, key=lambda r: render._preference(r, suite)):
-                by_seed[r.get("seed")] = r
-            rows[method] = [by_seed[s] for s in sorted(by_seed, key=str)]
+            at_chosen = method in chosen and lr is not None and math.isclose(lr, chosen[method], rel_tol=1e-6)
+            if (method == "gptq_magr" and lr is None) or at_chosen:
+                kept.append({**res, "_row": method})
+        # one result per seed, as Table 3 picks it (per-item records, most items, newest)
+        rows = render.replicates_by_row(kept, suite, lambda r: r["_row"])
         names = {"ppl": "GSM8K answer ppl", "em": "GSM8K EM", "csqa": "CSQA avg"}
         head = "| method | lr | seeds | " + " | ".join(f"{names[m]} | Δ {names[m]} vs qwha" for m in metrics)
         lines += [
