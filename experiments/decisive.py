@@ -243,6 +243,41 @@ def _per_seed(rows: dict[str, list[dict]], metrics, names: dict[str, str]) -> li
     return lines
 
 
+LOWER_IS_BETTER = {"ppl"}
+
+
+def _pairwise(rows: dict[str, list[dict]], metric: str, name: str) -> list[str]:
+    """Markdown lines: every two tuned methods, best estimate first, with the paired difference of the
+    second minus the first on the same items (and the quantized builds both ran) and what its interval
+    says: which of the two is better, or that the items cannot tell them apart (the interval holds 0)."""
+    tuned = {m: reps for m, reps in rows.items() if m != "gptq_magr"}
+    est = {m: render.estimate_cell(reps, metric).est for m, reps in tuned.items()}
+    ranked = sorted((m for m in tuned if est[m] is not None), key=lambda m: est[m])
+    if metric not in LOWER_IS_BETTER:
+        ranked.reverse()
+    if len(ranked) < 3:
+        return []
+    lines = [
+        "",
+        f"Every two tuned methods on {name} (ranked best first; Δ = second − first, paired):",
+        "",
+        "| first | second | Δ | the interval says |",
+        "|---|---|---|---|",
+    ]
+    for i, a in enumerate(ranked):
+        for b in ranked[i + 1 :]:
+            diff = render.difference_cell(tuned[b], tuned[a], metric)
+            if diff.ci is None:
+                verdict = "no interval"
+            elif diff.ci[0] <= 0 <= diff.ci[1]:
+                verdict = "cannot tell apart"
+            else:
+                first_wins = (diff.ci[0] > 0) == (metric in LOWER_IS_BETTER)
+                verdict = f"{a if first_wins else b} better"
+            lines.append(f"| {a} | {b} | {render.fmt_cell(diff, metric, signed=True)} | {verdict} |")
+    return lines
+
+
 def _quantizer(runs: render.Runs, key: str | None) -> str:
     """What a quantized-model build is, less its calibration seed: the quantizer's config, the base model
     and the calibration config without ``seed``. Another seed of a run re-draws its calibration windows and
@@ -315,6 +350,7 @@ def report(runs: render.Runs, model: str, bits: int) -> str:
             seeds = ",".join(str(r.get("seed")) for r in reps) if method != "gptq_magr" else "–"
             lines.append(f"| {method} | {lr} | {seeds} | " + " | ".join(cells) + " |")
         lines += _per_seed(rows, metrics, names)
+        lines += _pairwise(rows, metrics[0], names[metrics[0]])
         missing = sorted(set(chosen) - set(rows))
         if missing:
             lines += ["", f"Not yet evaluated on the test items at their chosen rate: {', '.join(missing)}."]

@@ -315,9 +315,32 @@ def test_report_pools_seeds_made_with_the_sweeps_quantizer_and_pairs_them_seed_b
     assert "| cloq | 1 | +0.0" in per_seed[1]
 
 
-def _test_eval(cache: StageCache, method, lr, seed, quant, correct, tag=""):
+def test_report_ranks_the_tuned_methods_and_says_which_pairs_the_items_resolve(tmp_path):
+    """Every two tuned methods, paired on the same questions: CLoQ's answer loss is 1 nat above QWHA's
+    on every question, so its perplexity is e^2 - e = +4.67 higher with no spread (QWHA better); SSH's
+    losses (0.6, 1.5, 0.6, 1.5) average near QWHA's 1.0 and a resample of all-0.6 questions beats it, so
+    that pair is not resolved; GPTQ alone is not ranked."""
+    cache = StageCache(tmp_path / "c")
+    for method in ("qwha", "cloq", "ssh"):
+        _sweep_record(cache, method, "gsm8k", 3e-4, [10.0], quant="b0")
+    _test_eval(cache, "gptq_magr", None, 0, "b0", [0, 0, 0, 0], nll=[9.0] * 4)
+    _test_eval(cache, "qwha", 3e-4, 0, "b0", [0, 0, 0, 0], nll=[1.0] * 4)
+    _test_eval(cache, "cloq", 3e-4, 0, "b0", [0, 0, 0, 0], nll=[2.0] * 4)
+    _test_eval(cache, "ssh", 3e-4, 0, "b0", [0, 0, 0, 0], nll=[0.6, 1.5, 0.6, 1.5])
+    text = decisive.report(render.Runs(cache.root), "smollm2-135m", 2)
+    pairs = text.split("Every two tuned methods")[1].splitlines()
+    rows = [line for line in pairs if line.startswith("| ") and "first" not in line]
+    assert [r.split(" | ")[:2] for r in rows] == [["| qwha", "ssh"], ["| qwha", "cloq"], ["| ssh", "cloq"]]
+    assert rows[0].endswith("| cannot tell apart |")
+    assert "+4.67 [+4.67, +4.67]" in rows[1] and rows[1].endswith("| qwha better |")
+    assert rows[2].endswith("| ssh better |")
+    assert "gptq_magr" not in "".join(rows)
+
+
+def _test_eval(cache: StageCache, method, lr, seed, quant, correct, tag="", nll=None):
     """A test-suite eval artifact on quantized build ``quant``, fine-tuned at ``lr`` (None: GPTQ alone).
-    ``correct``: a count of 50 (aggregates only) or a list of 0/1 per question (per-item records too)."""
+    ``correct``: a count of 50 (aggregates only) or a list of 0/1 per question (per-item records too);
+    ``nll``: each question's answer loss (one token each; default 1.0)."""
     name = f"{method}-{lr}-{seed}-{quant}{tag}"
     ft = None
     if lr is not None:
@@ -336,7 +359,10 @@ def _test_eval(cache: StageCache, method, lr, seed, quant, correct, tag=""):
         if items is not None:
             write_records(
                 out / records_file("gsm8k"),
-                [{"id": i, "correct": bool(c), "nll": 1.0, "tokens": 1} for i, c in enumerate(items)],
+                [
+                    {"id": i, "correct": bool(c), "nll": 1.0 if nll is None else nll[i], "tokens": 1}
+                    for i, c in enumerate(items)
+                ],
             )
         (out / "results.json").write_text(json.dumps(res))
         return {}
