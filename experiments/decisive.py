@@ -447,17 +447,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.step == "sweep":
         return 0
-    found = {
-        k: v
-        for k, v in heldout_results(render.Runs(args.runs), args.model, args.bits).items()
-        if k[0] in methods and k[1] in data_sets
-    }
+    # the selection table lists every swept method (a run for a few methods must not shrink it); the
+    # commands are for the methods and data sets asked for
+    every = heldout_results(render.Runs(args.runs), args.model, args.bits)
+    found = {k: v for k, v in every.items() if k[0] in methods and k[1] in data_sets}
     if not found:
         print(
             f"select: no sweep records for {args.model} at {args.bits} bits in {args.runs}", file=sys.stderr
         )
         return 1 if not args.dry_run else 0
-    text = selection_table(found, args.model, args.bits)
+    text = selection_table(every, args.model, args.bits)
     out = Path(args.runs).parent / f"lr_selection_{args.model}_{args.bits}bit.md"
     out.write_text(text)
     print(text)

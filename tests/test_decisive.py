@@ -145,6 +145,24 @@ def test_main_dry_run_selects_from_the_archive(tmp_path, capsys):
         decisive.main(["select", "--factors", "a/b"])
 
 
+def test_a_run_for_some_methods_keeps_every_method_in_the_selection_table(tmp_path, capsys):
+    """``seeds --methods ssh`` runs SSH's commands only, but the selection file it rewrites still lists
+    every swept method and the best baseline over all of them (SSH here: 9.2 < CLoQ's 9.5)."""
+    cache = _campaign(tmp_path / "results" / "runs")
+    assert (
+        decisive.main(["seeds", "--runs", str(cache.root), "--dry-run", "--methods", "ssh", "--seeds", "0"])
+        == 0
+    )
+    table = (tmp_path / "results" / "lr_selection_smollm2-135m_2bit.md").read_text()
+    assert {"| gsm8k | qwha |", "| gsm8k | cloq |", "| alpaca | cloq |"} <= {
+        line[: len("| gsm8k | qwha |")] if line.startswith("| gsm8k") else line[: len("| alpaca | cloq |")]
+        for line in table.splitlines()
+    }
+    assert "best baseline: **ssh**" in table
+    commands = [line for line in capsys.readouterr().out.splitlines() if "python -m qwha" in line]
+    assert commands and all("method=ssh" in c or "method=gptq_magr" in c for c in commands)
+
+
 def test_run_all_skips_commands_whose_eval_is_archived(tmp_path, monkeypatch):
     """A campaign resumed on a fresh machine (empty stage cache) runs only what the archive lacks: the
     eval key of each command (from its dry run) is looked up under ``runs/eval/<key>/results.json``."""
