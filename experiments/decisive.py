@@ -31,6 +31,7 @@ did and a rerun skips cached stages. ``all`` ends by rendering Table 3.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -59,14 +60,15 @@ SWEEP_EVAL = (
 )
 
 
-def recipe_lr(model: str, method: str, data: str, bits: int, budget: str = "small") -> float:
-    """The learning rate the config gives (model, method, data, bits): the sweep's centre."""
+@functools.cache
+def _composed(model: str, method: str, data: str, bits: int, budget: str = "small"):
+    """The config a campaign run composes (model, method preset, data, bits, budget)."""
     from hydra import compose, initialize_config_dir
 
     import qwha.config  # noqa: F401  (resolvers)
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
+        return compose(
             "config",
             overrides=[
                 f"model={model}",
@@ -76,7 +78,25 @@ def recipe_lr(model: str, method: str, data: str, bits: int, budget: str = "smal
                 f"bits={bits}",
             ],
         )
-    return float(cfg.train.lr)
+
+
+def recipe_lr(model: str, method: str, data: str, bits: int, budget: str = "small") -> float:
+    """The learning rate the config gives (model, method, data, bits): the sweep's centre."""
+    return float(_composed(model, method, data, bits, budget).train.lr)
+
+
+@functools.cache
+def _presets(model: str, data: str, bits: int) -> dict[str, str]:
+    """``{row label: method preset}``: the name a run records (``method_name``) is not always its preset's
+    (``method=loca`` at ``budget=small`` is too short for a location step, so its rows are ``loca_fixed``);
+    the campaign selects and reruns by preset."""
+    return {str(_composed(model, m, data, bits).method_name): m for m in (*METHODS, "gptq_magr")}
+
+
+def preset_of(res: dict, model: str, bits: int) -> str:
+    """The method preset an eval result was made with (its recorded label, mapped back)."""
+    label, data = res.get("_preset") or render._method(res), str(res.get("data"))
+    return _presets(model, data, bits).get(label, label) if data in DATA else label
 
 
 def _lr(x: float) -> str:
@@ -116,7 +136,7 @@ def heldout_results(runs: render.Runs, model: str, bits: int) -> dict[tuple[str,
             continue
         # the preset the run was made with: a swept rate differs from the recipe's, so its row label
         # says "(old: lr)", but it is the same method
-        key = (res.get("_preset") or render._method(res), str(res.get("data")))
+        key = (preset_of(res, model, bits), str(res.get("data")))
         lr = float(h["lr"])
         if lr not in out[key] or res.get("_created", 0) > out[key][lr].get("_created", 0):
             out[key][lr] = res
@@ -323,7 +343,7 @@ def report(runs: render.Runs, model: str, bits: int) -> str:
                 continue
             if _quantizer(runs, (res.get("upstream") or {}).get("quantize")) not in quantizers:
                 continue
-            method, lr = res.get("_preset") or render._method(res), _run_lr(res, runs)
+            method, lr = preset_of(res, model, bits), _run_lr(res, runs)
             at_chosen = method in chosen and lr is not None and math.isclose(lr, chosen[method], rel_tol=1e-6)
             if (method == "gptq_magr" and lr is None) or at_chosen:
                 kept.append({**res, "_row": method})

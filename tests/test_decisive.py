@@ -163,6 +163,25 @@ def test_a_run_for_some_methods_keeps_every_method_in_the_selection_table(tmp_pa
     assert commands and all("method=ssh" in c or "method=gptq_magr" in c for c in commands)
 
 
+def test_loca_runs_recorded_as_loca_fixed_are_selected_and_rerun_as_the_loca_preset(tmp_path, capsys):
+    """``method=loca`` at ``budget=small`` records its rows as ``loca_fixed`` (too short for a location
+    step); ``seeds --methods loca`` must still find its sweep and rerun it as ``method=loca`` (there is
+    no ``loca_fixed`` preset), and the report must keep its test run at the chosen rate."""
+    cache = StageCache(tmp_path / "results" / "runs")
+    for method in ("qwha", "loca_fixed"):
+        for lr, mean in ((2e-4, 12.0), (6e-4, 9.0)):
+            _sweep_record(cache, method, "gsm8k", lr, [mean] * 3, quant="b0")
+    argv = ["seeds", "--runs", str(cache.root), "--dry-run", "--methods", "loca", "--seeds", "0"]
+    assert decisive.main(argv) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if "python -m qwha" in line]
+    assert any("method=loca data=gsm8k bits=2 train.lr=0.0006 seed=0" in c for c in commands)
+    assert not any("loca_fixed" in c for c in commands)
+    _test_eval(cache, "qwha", 6e-4, 0, "b0", [1, 0])
+    _test_eval(cache, "loca_fixed", 6e-4, 0, "b0", [0, 0])
+    text = decisive.report(render.Runs(cache.root), "smollm2-135m", 2)
+    assert "| loca | 0.0006 | 0 |" in text and "Not yet evaluated" not in text
+
+
 def test_run_all_skips_commands_whose_eval_is_archived(tmp_path, monkeypatch):
     """A campaign resumed on a fresh machine (empty stage cache) runs only what the archive lacks: the
     eval key of each command (from its dry run) is looked up under ``runs/eval/<key>/results.json``."""
