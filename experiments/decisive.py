@@ -279,7 +279,9 @@ def _pairwise(rows: dict[str, list[dict]], metric: str, name: str) -> list[str]:
         return []
     lines = [
         "",
-        f"Every two tuned methods on {name} (ranked best first; Δ = second − first, paired):",
+        f"Every two tuned methods on {name}, ranked best first by each row's estimate (over its own "
+        "seeds); Δ = second − first, paired on the items and the quantized builds both ran (so its sign, "
+        "not the ranking, says which is better where the rows ran different seeds):",
         "",
         "| first | second | Δ | the interval says |",
         "|---|---|---|---|",
