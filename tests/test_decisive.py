@@ -107,6 +107,13 @@ def test_selection_picks_the_lowest_heldout_loss_and_the_best_baseline(tmp_path)
     d = math.exp(10.0 / 10) - math.exp(9.0 / 10)
     lo = float(line.split("| +")[1].split("[+")[1].split(",")[0])
     assert f"| +{d:.2f} [+" in line and 0 < lo < d
+    # versus QWHA at the chosen rates, paired: SSH's records are each 0.2 nat above QWHA's (gsm8k);
+    # CLoQ's 1 nat below on alpaca
+    versus = table.split("minus qwha at its own")[1]
+    ssh = next(x for x in versus.splitlines() if x.startswith("| gsm8k | ssh | 0.0001 |"))
+    assert f"+{math.exp(0.92) - math.exp(0.9):.2f} [+" in ssh
+    cloq = next(x for x in versus.splitlines() if x.startswith("| alpaca | cloq | 0.0001 |"))
+    assert f"−{math.exp(1.9) - math.exp(1.8):.2f} [−" in cloq and "| alpaca | qwha" not in versus
 
 
 def test_sweep_centres_on_each_recipe_and_scores_no_test_item():
