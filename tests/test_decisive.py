@@ -187,6 +187,9 @@ def test_loca_runs_recorded_as_loca_fixed_are_selected_and_rerun_as_the_loca_pre
     _test_eval(cache, "loca_fixed", 6e-4, 0, "b0", [0, 0])
     text = decisive.report(render.Runs(cache.root), "smollm2-135m", 2)
     assert "| loca | 0.0006 | 0 |" in text and "Not yet evaluated" not in text
+    _sweep_record(cache, "qwha", "alpaca", 2e-4, [10.0] * 3, quant="b0")  # swept, no test row: no table
+    alpaca = decisive.report(render.Runs(cache.root), "smollm2-135m", 2).split("## alpaca")[1]
+    assert "No test rows yet; swept so far: qwha." in alpaca and "| method |" not in alpaca
 
 
 def test_run_all_skips_commands_whose_eval_is_archived(tmp_path, monkeypatch):
