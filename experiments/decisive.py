@@ -384,18 +384,12 @@ def report(runs: render.Runs, model: str, bits: int) -> str:
         # one result per seed, as Table 3 picks it (per-item records, most items, newest)
         rows = render.replicates_by_row(kept, suite, lambda r: r["_row"])
         names = {"ppl": "GSM8K answer ppl", "em": "GSM8K EM", "csqa": "CSQA avg"}
+        lines += [f"## {data}-style fine-tuning", ""]
         if not rows:
-            lines += [
-                f"## {data}-style fine-tuning",
-                "",
-                f"No test rows yet; swept so far: {', '.join(sorted(chosen))}.",
-                "",
-            ]
+            lines += [f"No test rows yet; swept so far: {', '.join(sorted(chosen))}.", ""]
             continue
         head = "| method | lr | seeds | " + " | ".join(f"{names[m]} | Δ {names[m]} vs qwha" for m in metrics)
         lines += [
-            f"## {data}-style fine-tuning",
-            "",
             head + " |",
             "|---|---|---|" + "---|---|" * len(metrics),
         ]
