@@ -143,15 +143,22 @@ def heldout_results(runs: render.Runs, model: str, bits: int) -> dict[tuple[str,
     return dict(out)
 
 
+def _loss(res: dict) -> float:
+    """A run's held-out loss for ranking; a diverged run (NaN or infinite loss) ranks last, never first
+    (``min`` over NaN keys depends on the order it meets them)."""
+    nll = float(res["train_heldout"]["nll"])
+    return nll if math.isfinite(nll) else math.inf
+
+
 def select(by_rate: dict[float, dict]) -> float:
     """The rate with the lowest held-out loss (nats per token); ties: the smaller rate."""
-    return min(by_rate, key=lambda lr: (by_rate[lr]["train_heldout"]["nll"], lr))
+    return min(by_rate, key=lambda lr: (_loss(by_rate[lr]), lr))
 
 
 def best_baseline(found: dict[tuple[str, str], dict[float, dict]], data: str) -> str | None:
     """The method other than QWHA whose chosen rate reached the lowest held-out loss on ``data``."""
     scores = {
-        method: by_rate[select(by_rate)]["train_heldout"]["nll"]
+        method: _loss(by_rate[select(by_rate)])
         for (method, d), by_rate in found.items()
         if d == data and method != REFERENCE and by_rate
     }

@@ -415,3 +415,23 @@ def _test_eval(cache: StageCache, method, lr, seed, quant, correct, tag="", nll=
         return {}
 
     cache.build("eval", f"t-{name}", fn, config={"k": name}, upstream=upstream)
+
+
+def test_a_diverged_rate_is_never_chosen():
+    """A rate whose fine-tune diverged (NaN or infinite held-out loss) ranks last: ``min`` over NaN keys
+    would otherwise return whichever rate it met first."""
+
+    def res(nll):
+        return {"train_heldout": {"nll": nll}}
+
+    nan, inf = float("nan"), float("inf")
+    assert decisive.select({5e-3: res(nan), 1e-4: res(3.0), 3e-4: res(2.5)}) == 3e-4
+    assert decisive.select({1e-4: res(3.0), 5e-3: res(nan), 3e-4: res(2.5)}) == 3e-4
+    assert decisive.select({5e-3: res(inf), 1e-4: res(3.0)}) == 1e-4
+    # a method whose every rate diverged never becomes the best baseline
+    found = {
+        ("qlora", "alpaca"): {1e-3: res(nan), 3e-3: res(nan)},
+        ("cloq", "alpaca"): {1e-4: res(4.0)},
+        ("qwha", "alpaca"): {1e-4: res(3.0)},
+    }
+    assert decisive.best_baseline(found, "alpaca") == "cloq"
