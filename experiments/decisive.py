@@ -205,13 +205,25 @@ def selection_table(found: dict[tuple[str, str], dict[float, dict]], model: str,
                 lines.append(
                     f"| {data} | {method} | {_lr(lr)} | {render.fmt_cell(cell, 'ppl')} | "
                     f"{'–' if lr == chosen else render.fmt_cell(diff, 'ppl', signed=True)} | "
-                    f"{'**yes**' if lr == chosen else ''} |"
+                    f"{_chosen_mark(by_rate, chosen) if lr == chosen else ''} |"
                 )
         best = best_baseline(found, data)
         if best:
             lines.append(f"| {data} | best baseline: **{best}** | | | | |")
     lines += _versus_reference(found)
     return "\n".join(lines) + "\n"
+
+
+def _chosen_mark(by_rate: dict[float, dict], chosen: float) -> str:
+    """The "chosen" cell, saying when the sweep did not bracket the optimum: one rate swept, or the chosen
+    rate is the largest (smallest) swept, so a better one may lie above (below) the grid."""
+    if len(by_rate) == 1:
+        return "**yes** (the only rate swept)"
+    if chosen == max(by_rate):
+        return "**yes** (largest swept: the optimum may lie above)"
+    if chosen == min(by_rate):
+        return "**yes** (smallest swept: the optimum may lie below)"
+    return "**yes**"
 
 
 def _versus_reference(found: dict[tuple[str, str], dict[float, dict]]) -> list[str]:

@@ -65,6 +65,7 @@ def _campaign(root) -> StageCache:
         ("ssh", "gsm8k"): {1e-4: 9.2, 3e-4: 15.0, 1e-3: 30.0},  # best baseline on gsm8k (9.2 < 9.5)
         ("qwha", "alpaca"): {1e-4: 20.0, 3e-4: 19.0, 1e-3: 25.0},
         ("cloq", "alpaca"): {1e-4: 18.0, 3e-4: 21.0, 1e-3: 22.0},
+        ("shira", "gsm8k"): {1e-4: 30.0, 3e-4: 20.0, 1e-3: 15.0},  # best at the largest rate swept
     }
     for (method, data), by_rate in losses.items():
         for lr, mean in by_rate.items():
@@ -98,9 +99,14 @@ def test_selection_picks_the_lowest_heldout_loss_and_the_best_baseline(tmp_path)
     table = decisive.selection_table(found, "smollm2-135m", 2)
     chosen = [line for line in table.splitlines() if "**yes**" in line]
     assert (
-        len(chosen) == 5
+        len(chosen) == 6
         and "| gsm8k | qwha | 0.0003 | " in chosen[[c.split("|")[2] for c in chosen].index(" qwha ")]
     )
+    # a chosen rate on the grid's edge says so (the sweep did not bracket the optimum); inside, it doesn't
+    mark = {(c.split("|")[1].strip(), c.split("|")[2].strip()): c.split("|")[6].strip() for c in chosen}
+    assert mark[("gsm8k", "qwha")] == "**yes**" and mark[("gsm8k", "cloq")] == "**yes**"
+    assert "largest swept" in mark[("gsm8k", "shira")] and "smallest swept" in mark[("gsm8k", "ssh")]
+    assert "smallest swept" in mark[("alpaca", "cloq")]
     # every record of rate 1e-3 is 1 nat (0.1 nat/token) above the chosen rate's: the paired interval
     # lies above 0
     line = next(x for x in table.splitlines() if x.startswith("| gsm8k | qwha | 0.001 |"))
@@ -228,6 +234,7 @@ def test_seed_runs_put_the_paired_comparison_first(tmp_path):
         "method=qwha seed=0",
         "method=ssh seed=0",
         "method=cloq seed=0",
+        "method=shira seed=0",
         "method=qwha seed=1",
         "method=ssh seed=1",
         "method=qwha seed=2",
