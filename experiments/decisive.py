@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import render  # noqa: E402
 from experiments.rows import TABLE3_QUANT  # noqa: E402
 from qwha.eval import stats  # noqa: E402
+from qwha.eval.csqa import CSQA_TASKS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = "qwha"
@@ -351,6 +352,64 @@ def _pairwise(rows: dict[str, list[dict]], metric: str, name: str) -> list[str]:
     return lines
 
 
+def _uniform_guess(rows: dict[str, list[dict]]) -> dict[str, float]:
+    """Each CSQA task's expected accuracy when guessing uniformly among each document's choices (the mean
+    of 1 / number of choices over the scored documents, read from the first row with per-item records:
+    every row scored the same documents)."""
+    for reps in rows.values():
+        recs = render.item_records(reps[0], "csqa")
+        if recs and all(r.get("ll") for r in recs):
+            by_task: dict[str, list[float]] = defaultdict(list)
+            for r in recs:
+                by_task[r["task"]].append(1.0 / len(r["ll"]))
+            return {t: sum(v) / len(v) for t, v in by_task.items()}
+    return {}
+
+
+def _per_task(rows: dict[str, list[dict]], order: list[str]) -> list[str]:
+    """Markdown lines: each row's accuracy per CSQA task, each method's paired difference to QWHA per
+    task, and what a uniform guess scores on the same documents (how far from chance each row is)."""
+    tasks = [
+        t
+        for t in CSQA_TASKS
+        if any(t in (r.get("csqa") or {}).get("tasks", {}) for v in rows.values() for r in v)
+    ]
+    if not tasks:
+        return []
+    lines = [
+        "",
+        "Per task (accuracy % [95%] k/n; Δ: paired on the task's documents); `uniform guess`: the accuracy "
+        "of guessing uniformly among each document's choices, on the same documents:",
+        "",
+        "| row | " + " | ".join(tasks) + " | avg |",
+        "|---|" + "---|" * (len(tasks) + 1),
+    ]
+    ref = rows.get(REFERENCE)
+    for method in order:
+        reps = rows[method]
+        cells = [render.fmt_cell(render.estimate_cell(reps, "csqa", task=t), "em") for t in tasks]
+        cells.append(render.fmt_cell(render.estimate_cell(reps, "csqa"), "csqa"))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for method in order:
+        if method == REFERENCE or ref is None:
+            continue
+        cells = [
+            render.fmt_cell(render.difference_cell(rows[method], ref, "csqa", task=t), "csqa", signed=True)
+            for t in tasks
+        ]
+        cells.append(render.fmt_cell(render.difference_cell(rows[method], ref, "csqa"), "csqa", signed=True))
+        lines.append(f"| Δ {method} − {REFERENCE} | " + " | ".join(cells) + " |")
+    guess = _uniform_guess(rows)
+    if all(t in guess for t in tasks):
+        mean = sum(guess[t] for t in tasks) / len(tasks)
+        lines.append(
+            "| uniform guess | "
+            + " | ".join(f"{100 * guess[t]:.1f}" for t in tasks)
+            + f" | {100 * mean:.1f} |"
+        )
+    return lines
+
+
 def _quantizer(runs: render.Runs, key: str | None) -> str:
     """What a quantized-model build is, less its calibration seed: the quantizer's config, the base model
     and the calibration config without ``seed``. Another seed of a run re-draws its calibration windows and
@@ -424,6 +483,8 @@ def report(runs: render.Runs, model: str, bits: int) -> str:
             lr = "–" if method == "gptq_magr" else _lr(chosen[method])
             seeds = ",".join(str(r.get("seed")) for r in reps) if method != "gptq_magr" else "–"
             lines.append(f"| {method} | {lr} | {seeds} | " + " | ".join(cells) + " |")
+        if suite == "csqa":
+            lines += _per_task(rows, [m for m in order if m in rows])
         lines += _per_seed(rows, metrics, names)
         lines += _pairwise(rows, metrics[0], names[metrics[0]])
         missing = sorted(set(chosen) - set(rows))

@@ -424,15 +424,18 @@ def _builds(replicates: list[dict]) -> set:
     return {r.get("_quant_build", (None, None)) for r in replicates}
 
 
-def difference_cell(replicates: list[dict], reference: list[dict], metric: str) -> Cell:
+def difference_cell(
+    replicates: list[dict], reference: list[dict], metric: str, task: str | None = None
+) -> Cell:
     """``metric(row) - metric(reference)`` with a 95% interval: paired over the items both scored (a
     bootstrap drawing the same items for both, seeds resampled per row) when both kept per-item records
     and were evaluated on the same quantized-model builds (where one row ran more seeds, on the builds
     both ran, the others left out and the cell says so); else, from single-seed aggregates, an unpaired
-    interval (Newcombe for exact match, normal for the CSQA average); else none."""
+    interval (Newcombe for exact match, normal for the CSQA average); else none. ``task``: that CSQA
+    task's accuracy, paired on its documents (per-item records only)."""
     if not replicates or not reference:
         return Cell()
-    mine, theirs = _per_item(replicates, metric), _per_item(reference, metric)
+    mine, theirs = _per_item(replicates, metric, task), _per_item(reference, metric, task)
     if mine is not None and theirs is not None:
         shared = (_builds(replicates) & _builds(reference)) - {(None, None)}
         if not shared:
@@ -442,14 +445,14 @@ def difference_cell(replicates: list[dict], reference: list[dict], metric: str) 
             # seeds quantize anew: pair the seeds both rows ran (same quantized models), drop the rest
             replicates = [r for r in replicates if r.get("_quant_build", (None, None)) in shared]
             reference = [r for r in reference if r.get("_quant_build", (None, None)) in shared]
-            mine, theirs = _per_item(replicates, metric), _per_item(reference, metric)
+            mine, theirs = _per_item(replicates, metric, task), _per_item(reference, metric, task)
             note = "on the shared quantized builds only"
         keys = _common(mine, theirs)
         if not keys:
             return Cell(note="no common items")
         est, ci = stats.paired_bootstrap_difference(_arm(mine, keys, metric), _arm(theirs, keys, metric))
         return Cell(est, ci, len(keys), max(len(mine), len(theirs)), note=note)
-    if len(replicates) > 1 or len(reference) > 1:
+    if len(replicates) > 1 or len(reference) > 1 or task:
         return Cell(note=NO_ITEMS)
     (e1, _, x1), (e2, _, x2) = _aggregate(replicates[0], metric), _aggregate(reference[0], metric)
     if e1 is None or e2 is None:

@@ -442,3 +442,55 @@ def test_a_diverged_rate_is_never_chosen():
         ("qwha", "alpaca"): {1e-4: res(3.0)},
     }
     assert decisive.best_baseline(found, "alpaca") == "cloq"
+
+
+def _csqa_eval(cache: StageCache, method, lr, quant, correct: dict[str, list[int]], choices: dict[str, int]):
+    """A CSQA test eval artifact (Alpaca-style run) with per-document records: ``correct[task]`` is 0/1
+    per document, each of whose ``choices[task]`` choices has a log-likelihood."""
+    name = f"csqa-{method}-{lr}-{quant}"
+    ft = cache.build("finetune", name, lambda out: {}, config={"train": {"lr": lr}}, upstream={}).key
+    upstream = {"quantize": quant, "finetune": ft}
+    tasks = {t: {"metric": "acc", "value": sum(c) / len(c), "n": len(c)} for t, c in correct.items()}
+    res = {
+        **_result_head(method, "alpaca", 0),
+        "csqa": {"tasks": tasks, "average": sum(v["value"] for v in tasks.values()) / len(tasks)},
+        "upstream": upstream,
+        "records": {"csqa": records_file("csqa")},
+    }
+
+    def fn(out):
+        write_records(
+            out / records_file("csqa"),
+            [
+                {"task": t, "doc_id": i, "gold": 0, "ll": [-1.0] * choices[t], "correct": c}
+                for t, cs in correct.items()
+                for i, c in enumerate(cs)
+            ],
+        )
+        (out / "results.json").write_text(json.dumps(res))
+        return {}
+
+    cache.build("eval", f"t-{name}", fn, config={"k": name}, upstream=upstream)
+
+
+def test_report_breaks_csqa_down_by_task_beside_a_uniform_guess(tmp_path):
+    """Alpaca-style rows: per task, each method's k/n, its paired difference to QWHA on the task's
+    documents, and the uniform guess on the same documents (hand-worked: ARC-Easy's 4 documents of 4
+    choices guess 25.0 %, PIQA's 2 of 2 choices 50.0 %, average 37.5 %; CLoQ gets one more ARC-Easy
+    document right, +25.0 points, and the same PIQA documents, +0.0 with no spread)."""
+    cache = StageCache(tmp_path / "c")
+    for method in ("qwha", "cloq"):
+        _sweep_record(cache, method, "alpaca", 3e-4, [10.0], quant="b0")
+    choices = {"arc_easy": 4, "piqa": 2}
+    _csqa_eval(cache, "qwha", 3e-4, "b0", {"arc_easy": [1, 1, 0, 0], "piqa": [1, 0]}, choices)
+    _csqa_eval(cache, "cloq", 3e-4, "b0", {"arc_easy": [1, 1, 1, 0], "piqa": [1, 0]}, choices)
+    text = decisive.report(render.Runs(cache.root), "smollm2-135m", 2)
+    part = text.split("## alpaca-style fine-tuning")[1].split("Per task")[1]
+    lines = {
+        line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in part.splitlines() if line.startswith("| ")
+    }
+    assert lines["row"][:2] == ["arc_easy", "piqa"]
+    assert "2/4" in lines["qwha"][0] and "3/4" in lines["cloq"][0] and "1/2" in lines["cloq"][1]
+    assert lines["Δ cloq − qwha"][0].startswith("+25.0 [") and "n=4" in lines["Δ cloq − qwha"][0]
+    assert lines["Δ cloq − qwha"][1].startswith("+0.0 [+0.0, +0.0] n=2")
+    assert lines["uniform guess"] == ["25.0", "50.0", "37.5 |"]
