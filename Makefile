@@ -107,6 +107,7 @@ decisive: $(STAMP)  ## lr sweep on held-out training data -> selection -> seeded
 
 render: $(STAMP)  ## re-render every table from the cache and the archived records, running nothing
 	$(PY) experiments/render.py all --model $(MODEL)
+	$(PY) experiments/decisive.py tables --model $(MODEL)
 
 archive: $(STAMP)  ## copy the cache's run records (JSON, no weights) to experiments/results/runs
 	$(PY) experiments/render.py archive

@@ -8,6 +8,7 @@ then the Table 3 runs at each method's own rate, with several seeds for QWHA and
     python experiments/decisive.py seeds  --bits 2 --seeds 0,1,2 [--dry-run]
     python experiments/decisive.py sweep  --bits 2 --shard 2/2                    # a second worker (core)
     python experiments/decisive.py report --bits 2                                # the test-set rows so far
+    python experiments/decisive.py tables                # every bit width's selection + report (make render)
 
 `make decisive BITS=2` / `make decisive BITS=4 METHODS=qwha,cloq SEEDS=0` run ``all``.
 
@@ -142,6 +143,20 @@ def heldout_results(runs: render.Runs, model: str, bits: int) -> dict[tuple[str,
         if lr not in out[key] or res.get("_created", 0) > out[key][lr].get("_created", 0):
             out[key][lr] = res
     return dict(out)
+
+
+def swept_bits(runs: render.Runs, model: str) -> list[int]:
+    """The bit widths with learning-rate sweep records of ``model`` (seed 0, ``train_heldout`` with a
+    rate): the ones the campaign's tables exist for."""
+    return sorted(
+        {
+            int(res["bits"])
+            for res in render.eval_runs(runs, model)
+            if (res.get("train_heldout") or {}).get("lr") is not None
+            and res.get("seed") == 0
+            and res.get("bits") is not None
+        }
+    )
 
 
 def _loss(res: dict) -> float:
@@ -531,7 +546,7 @@ def _run_all(commands: list[list[str]], cache: Path, dry_run: bool, runs: Path =
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("sweep", "select", "seeds", "report", "all"))
+    ap.add_argument("step", choices=("sweep", "select", "seeds", "report", "all", "tables"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -569,6 +584,17 @@ def main(argv: list[str] | None = None) -> int:
     if any(not math.isfinite(f) or f <= 0 for f in factors):
         ap.error(f"--factors={args.factors}: positive numbers")
     cache = Path(args.cache)
+    if args.step == "tables":  # `make render`: every bit width's selection and report, running nothing
+        runs = render.Runs(args.runs)
+        for bits in swept_bits(runs, args.model):
+            for name, text in (
+                ("lr_selection", selection_table(heldout_results(runs, args.model, bits), args.model, bits)),
+                ("decisive", report(runs, args.model, bits)),
+            ):
+                out = Path(args.runs).parent / f"{name}_{args.model}_{bits}bit.md"
+                out.write_text(text)
+                print(f"wrote {out}")
+        return 0
     if args.step == "report":
         text = report(render.Runs(args.runs), args.model, args.bits)
         (Path(args.runs).parent / f"decisive_{args.model}_{args.bits}bit.md").write_text(text)

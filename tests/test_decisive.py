@@ -158,6 +158,23 @@ def test_main_dry_run_selects_from_the_archive(tmp_path, capsys):
         decisive.main(["select", "--factors", "a/b"])
 
 
+def test_tables_rewrites_each_swept_bit_widths_selection_and_report_and_only_those(tmp_path, capsys):
+    """``make render``'s step: the committed selection and report files come from the archive alone, for
+    every bit width with sweep records (a stale file is rewritten), and none for a width never swept."""
+    cache = _campaign(tmp_path / "results" / "runs")
+    stale = tmp_path / "results" / "lr_selection_smollm2-135m_2bit.md"
+    stale.write_text("stale\n")
+    assert decisive.swept_bits(render.Runs(cache.root), "smollm2-135m") == [2]
+    assert decisive.main(["tables", "--runs", str(cache.root)]) == 0
+    runs = render.Runs(cache.root)
+    assert stale.read_text() == decisive.selection_table(
+        decisive.heldout_results(runs, "smollm2-135m", 2), "smollm2-135m", 2
+    )
+    report = tmp_path / "results" / "decisive_smollm2-135m_2bit.md"
+    assert report.read_text() == decisive.report(runs, "smollm2-135m", 2)
+    assert sorted(p.name for p in (tmp_path / "results").glob("*.md")) == [report.name, stale.name]
+
+
 def test_a_run_for_some_methods_keeps_every_method_in_the_selection_table(tmp_path, capsys):
     """``seeds --methods ssh`` runs SSH's commands only, but the selection file it rewrites still lists
     every swept method and the best baseline over all of them (SSH here: 9.2 < CLoQ's 9.5)."""
