@@ -129,13 +129,22 @@ def sweep_commands(model: str, bits: int, methods, data_sets, factors=FACTORS) -
     ]
 
 
+def _is_sweep_record(res: dict) -> bool:
+    """A learning-rate sweep record: seed 0, with ``train_heldout`` scored at a known rate and bit width."""
+    return (
+        (res.get("train_heldout") or {}).get("lr") is not None
+        and res.get("seed") == 0
+        and res.get("bits") is not None
+    )
+
+
 def heldout_results(runs: render.Runs, model: str, bits: int) -> dict[tuple[str, str], dict[float, dict]]:
     """``{(method, data): {lr: eval result}}`` of the sweep records (seed 0, with ``train_heldout``)."""
     out: dict[tuple[str, str], dict[float, dict]] = defaultdict(dict)
     for res in render.eval_runs(runs, model):
-        h = res.get("train_heldout")
-        if not h or h.get("lr") is None or int(res.get("bits", -1)) != bits or res.get("seed") != 0:
+        if not _is_sweep_record(res) or int(res["bits"]) != bits:
             continue
+        h = res["train_heldout"]
         # the preset the run was made with: a swept rate differs from the recipe's, so its row label
         # says "(old: lr)", but it is the same method
         key = (preset_of(res, model, bits), str(res.get("data")))
@@ -146,17 +155,9 @@ def heldout_results(runs: render.Runs, model: str, bits: int) -> dict[tuple[str,
 
 
 def swept_bits(runs: render.Runs, model: str) -> list[int]:
-    """The bit widths with learning-rate sweep records of ``model`` (seed 0, ``train_heldout`` with a
-    rate): the ones the campaign's tables exist for."""
-    return sorted(
-        {
-            int(res["bits"])
-            for res in render.eval_runs(runs, model)
-            if (res.get("train_heldout") or {}).get("lr") is not None
-            and res.get("seed") == 0
-            and res.get("bits") is not None
-        }
-    )
+    """The bit widths with learning-rate sweep records of ``model``: the ones the campaign's tables exist
+    for."""
+    return sorted({int(res["bits"]) for res in render.eval_runs(runs, model) if _is_sweep_record(res)})
 
 
 def _loss(res: dict) -> float:
@@ -544,6 +545,11 @@ def _run_all(commands: list[list[str]], cache: Path, dry_run: bool, runs: Path =
         print(f"archived {n} artifacts", flush=True)
 
 
+def _table_path(runs_dir: str, name: str, model: str, bits: int) -> Path:
+    """Where a campaign table is committed: beside the archived records (``experiments/results/``)."""
+    return Path(runs_dir).parent / f"{name}_{model}_{bits}bit.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("step", choices=("sweep", "select", "seeds", "report", "all", "tables"))
@@ -591,13 +597,13 @@ def main(argv: list[str] | None = None) -> int:
                 ("lr_selection", selection_table(heldout_results(runs, args.model, bits), args.model, bits)),
                 ("decisive", report(runs, args.model, bits)),
             ):
-                out = Path(args.runs).parent / f"{name}_{args.model}_{bits}bit.md"
+                out = _table_path(args.runs, name, args.model, bits)
                 out.write_text(text)
                 print(f"wrote {out}")
         return 0
     if args.step == "report":
         text = report(render.Runs(args.runs), args.model, args.bits)
-        (Path(args.runs).parent / f"decisive_{args.model}_{args.bits}bit.md").write_text(text)
+        _table_path(args.runs, "decisive", args.model, args.bits).write_text(text)
         print(text)
         return 0
     if args.step in ("sweep", "all"):
@@ -619,8 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1 if not args.dry_run else 0
     text = selection_table(every, args.model, args.bits)
-    out = Path(args.runs).parent / f"lr_selection_{args.model}_{args.bits}bit.md"
-    out.write_text(text)
+    _table_path(args.runs, "lr_selection", args.model, args.bits).write_text(text)
     print(text)
     if args.step == "select":
         return 0
